@@ -1,0 +1,156 @@
+"""Subcommands ``info``, ``train``, ``finetune`` and ``eval``."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from mpqkit.cli import add_data_args, overrides, print_json, require
+
+
+def add_run_args(p: argparse.ArgumentParser, quantized: bool) -> None:
+    p.add_argument("--config", metavar="FILE.yaml", help="YAML defaults; flags override them")
+    p.add_argument("--model", dest="model", metavar="NAME",
+                   help="resnet20, resnet18_cifar, a torchvision name, or package.module:factory")
+    p.add_argument("--num-classes", dest="num_classes", type=int, metavar="N")
+    p.add_argument("--weights", dest="weights", metavar="FILE",
+                   help="full-precision weights (safetensors), or 'bundled'")
+    p.add_argument("--epochs", dest="epochs", type=int, metavar="N")
+    p.add_argument("--max-steps-per-epoch", dest="max_steps_per_epoch", type=int, metavar="N",
+                   help="cut every epoch short (quick checks)")
+    p.add_argument("--seed", dest="seed", type=int)
+    p.add_argument("--device", dest="device", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--out", dest="out", metavar="RUN_DIR",
+                   help="run folder (default: runs/COMMAND/MODEL-DATA-TIME)")
+    p.add_argument("--overwrite", dest="overwrite", action="store_true", default=None,
+                   help="replace the run already in --out")
+    p.add_argument("--resume", dest="resume", action="store_true", default=None,
+                   help="continue the interrupted run in --out")
+    p.add_argument("--save-every-min", dest="save_every_min", type=float, metavar="MIN",
+                   help="mid-epoch checkpoint period (default 5; 0 = per epoch only)")
+    p.add_argument("--amp", dest="amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast on GPU")
+    add_data_args(p)
+    o = p.add_argument_group("optimizer")
+    o.add_argument("--lr", dest="optim.lr", type=float)
+    o.add_argument("--momentum", dest="optim.momentum", type=float)
+    o.add_argument("--weight-decay", dest="optim.weight_decay", type=float)
+    o.add_argument("--schedule", dest="optim.schedule", choices=["cosine", "step", "constant"])
+    o.add_argument("--warmup-epochs", dest="optim.warmup_epochs", type=float)
+    o.add_argument("--label-smoothing", dest="optim.label_smoothing", type=float)
+    if quantized:
+        q = p.add_argument_group("quantization")
+        q.add_argument("--policy", dest="policy", metavar="FILE|wWaA",
+                       help="policy.json, or a uniform policy such as w4a4")
+        q.add_argument("--first-last", dest="first_last", choices=["8bit", "fp"],
+                       help="first conv / last linear of a uniform policy: 8/8 (default) or FP")
+        q.add_argument("--weight-quant", dest="quant.weight_method",
+                       choices=["lsq", "maxabs", "dorefa"])
+        q.add_argument("--act-quant", dest="quant.act_method", choices=["lsq", "pact"])
+        q.add_argument("--per-channel", dest="quant.per_channel",
+                       action=argparse.BooleanOptionalAction, default=None)
+        q.add_argument("--calib-batches", dest="calib_batches", type=int, metavar="N")
+        q.add_argument("--kd-alpha", dest="kd_alpha", type=float,
+                       help="weight of distillation from the FP model (0 = off)")
+        q.add_argument("--kd-temperature", dest="kd_temperature", type=float)
+
+
+def _run(args: argparse.Namespace, quantized: bool) -> int:
+    from mpqkit.engine import RunConfig, finetune, load_config, train
+
+    cfg = load_config(RunConfig, args.config, overrides(args))
+    result = (finetune if quantized else train)(cfg)
+    print(f"result: {result.summary()}")
+    print(f"run folder: {result.run_dir}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from mpqkit.info import model_info
+
+    res = model_info(args.model, num_classes=args.num_classes, input_size=args.input_size,
+                     policy=args.policy, first_last=args.first_last)
+    if args.json:
+        print_json(res)
+    else:
+        print(format_info(res))
+    return 0
+
+
+def format_info(res: dict[str, Any]) -> str:
+    from mpqkit.complexity import format_count
+
+    h, w = res["input_size"]
+    lines = [f"{res['model']} at {h}x{w} ({res['num_classes']} classes)", ""]
+    with_bits = "w_bits" in next(iter(res["layers"]))
+    head = f"{'layer':<34} {'kind':<6} {'MACs':>10} {'params':>9}"
+    if with_bits:
+        head += f" {'w':>3} {'a':>3} {'BitOps':>10}"
+    lines += [head, "-" * len(head)]
+    for r in res["layers"]:
+        s = f"{r['name']:<34} {r['kind']:<6} {format_count(r['macs']):>10} {r['params']:>9}"
+        if with_bits:
+            s += f" {r['w_bits']:>3} {r['a_bits']:>3} {format_count(r['bitops']):>10}"
+        lines.append(s)
+    t = res["totals"]
+    lines += ["", f"quantizable layers: {len(res['layers'])}",
+              f"MACs: {format_count(t['macs'])} ({t['macs']:,})",
+              f"weights: {t['params']:,} ({t['params'] * 4 / 1e6:.3f} MB at fp32)"]
+    if "bitops" in t:
+        lines += [f"BitOps: {format_count(t['bitops'])} ({t['bitops']:,}), size "
+                  f"{t['size_mb']:.4f} MB, average bits w{t['avg_w_bits']:.2f}/a"
+                  f"{t['avg_a_bits']:.2f}" + (f", full-precision MACs {format_count(t['fp_macs'])}"
+                                               if t["fp_macs"] else "")]
+    lines.append(res["conventions"])
+    return "\n".join(lines)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from mpqkit.data import DataConfig
+    from mpqkit.engine import evaluate, from_dict, load_checkpoint_model
+
+    ckpt = require(args.checkpoint, "--checkpoint", "pass RUN_DIR/best.safetensors")
+    _, meta = load_checkpoint_model(ckpt)  # validates the checkpoint before touching data
+    d = {k.split(".", 1)[1]: v for k, v in overrides(args, ["checkpoint", "device"]).items()
+         if k.startswith("data.")}
+    d.setdefault("name", meta.get("dataset", "cifar10"))
+    res = evaluate(ckpt, from_dict(DataConfig, d, "data"), device=args.device or "auto")
+    if args.json:
+        print_json(res)
+    else:
+        line = (f"{res['model']} {res['checkpoint']}: top-1 {res['top1']:.2f}%, top-5 "
+                f"{res['top5']:.2f}%, loss {res['loss']:.4f} on {res['data']}")
+        if "bitops" in res:
+            line += (f"; BitOps {res['bitops'] / 1e9:.4f}G, size {res['size_mb']:.4f} MB, "
+                     f"avg bits w{res['avg_w_bits']:.2f}/a{res['avg_a_bits']:.2f}")
+        print(line)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="layer table: names, MACs, params (and bits of a policy)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--num-classes", type=int, default=None)
+    p.add_argument("--input-size", type=int, default=None,
+                   help="resolution the complexity is computed at (default: the model's native)")
+    p.add_argument("--policy", default=None, help="policy.json or wWaA to show bits and BitOps")
+    p.add_argument("--first-last", choices=["8bit", "fp"], default="8bit")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("train", help="train a full-precision baseline")
+    add_run_args(p, quantized=False)
+    p.add_argument("--input-size", dest="input_size", type=int)
+    p.set_defaults(func=lambda a: _run(a, False))
+
+    p = sub.add_parser("finetune", help="quantization-aware fine-tuning with a policy")
+    add_run_args(p, quantized=True)
+    p.add_argument("--input-size", dest="input_size", type=int)
+    p.set_defaults(func=lambda a: _run(a, True))
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint on a test split")
+    p.add_argument("--checkpoint", required=True, metavar="FILE")
+    p.add_argument("--device", default=None)
+    p.add_argument("--json", action="store_true")
+    add_data_args(p, train=False)
+    p.set_defaults(func=cmd_eval)

@@ -1,0 +1,146 @@
+"""Checkpoints: a safetensors file of tensors plus a small JSON file of everything else.
+
+``NAME.safetensors`` holds the model state (keys as in ``model.state_dict()``) and, for resumable
+``last`` checkpoints, the optimizer's tensors under ``optim/...`` and the RNG state. ``NAME.json``
+holds the model name, classes, input size, the policy (for quantized models), the quantizer
+config, epoch/step, metrics and the run config: enough to rebuild the model with no other file.
+Both are written atomically (temporary file, then rename).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from mpqkit.errors import CheckpointError
+
+FORMAT = "mpqkit.checkpoint"
+VERSION = 1
+
+
+def _atomic(path: Path, write) -> None:  # type: ignore[no-untyped-def]
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _flatten_optimizer(state: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state dict into tensors (for safetensors) and JSON-able rest."""
+    tensors: dict[str, torch.Tensor] = {}
+    rest: dict[str, Any] = {"param_groups": state["param_groups"], "state": {}}
+    for pid, pstate in state["state"].items():
+        entry = {}
+        for k, v in pstate.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"optim/{pid}/{k}"] = v.detach().cpu().contiguous()
+                entry[k] = {"__tensor__": f"optim/{pid}/{k}"}
+            else:
+                entry[k] = v
+        rest["state"][str(pid)] = entry
+    return tensors, rest
+
+
+def _unflatten_optimizer(rest: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> dict:
+    state = {}
+    for pid, entry in rest["state"].items():
+        state[int(pid)] = {k: (tensors[v["__tensor__"]] if isinstance(v, dict) and "__tensor__"
+                               in v else v) for k, v in entry.items()}
+    return {"state": state, "param_groups": rest["param_groups"]}
+
+
+def save_checkpoint(path_stem: str | Path, model: nn.Module, meta: Mapping[str, Any],
+                    optimizer: torch.optim.Optimizer | None = None,
+                    extra_state: Mapping[str, Any] | None = None) -> Path:
+    """Write ``STEM.safetensors`` and ``STEM.json``; returns the safetensors path."""
+    stem = Path(path_stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    info = {"format": FORMAT, "version": VERSION, **meta}
+    if optimizer is not None:
+        ot, orest = _flatten_optimizer(optimizer.state_dict())
+        tensors.update(ot)
+        info["optimizer"] = orest
+        tensors["rng/torch"] = torch.get_rng_state()
+    if extra_state:
+        info["extra_state"] = dict(extra_state)
+    st = stem.with_suffix(".safetensors")
+    _atomic(st, lambda p: save_file(tensors, str(p), metadata={"format": FORMAT}))
+    _atomic(stem.with_suffix(".json"),
+            lambda p: p.write_text(json.dumps(info, indent=2, default=str) + "\n"))
+    return st
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors and metadata of a checkpoint given as ``X.safetensors``, ``X.json`` or ``X``.
+
+    A bare safetensors file (no JSON beside it) is accepted with empty metadata.
+    """
+    p = Path(path)
+    if p.is_dir():
+        raise CheckpointError(f"{p} is a folder: pass a checkpoint file such as {p}/best.safetensors")
+    st = p if p.suffix == ".safetensors" else p.with_suffix(".safetensors")
+    if not st.is_file():
+        raise CheckpointError(f"checkpoint {st} does not exist: pass RUN_DIR/best.safetensors or "
+                              "RUN_DIR/last.safetensors of a finished run")
+    try:
+        tensors = load_file(str(st))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"checkpoint {st} is corrupt or not a safetensors file "
+                              f"({str(exc).splitlines()[0][:120]}): re-create it or use another "
+                              "checkpoint") from None
+    meta: dict[str, Any] = {}
+    js = st.with_suffix(".json")
+    if js.is_file():
+        try:
+            meta = json.loads(js.read_text())
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"checkpoint metadata {js} is not valid JSON ({exc.msg}): "
+                                  "re-create the checkpoint") from None
+        if meta.get("format") != FORMAT:
+            raise CheckpointError(f"{js} is not an mpqkit checkpoint file (format "
+                                  f"{meta.get('format')!r})")
+    return tensors, meta
+
+
+def model_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in tensors.items() if not k.startswith(("optim/", "rng/"))}
+
+
+def load_model_state(model: nn.Module, tensors: Mapping[str, torch.Tensor], source: str,
+                     strict: bool = True) -> None:
+    """Load model weights, with a one-line error listing missing/unexpected/mis-shaped keys."""
+    state = model_tensors(tensors)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shape = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+             if k in state and state[k].shape != v.shape]
+    if shape or (strict and (missing or unexpected)):
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {', '.join(unexpected[:6])}"
+                         f"{' ...' if len(unexpected) > 6 else ''}")
+        if shape:
+            parts.append(f"shape mismatch {', '.join(shape[:4])}")
+        raise CheckpointError(f"checkpoint {source} does not match the model ({'; '.join(parts)}):"
+                              " pass the --model/--num-classes (and policy) it was trained with")
+    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor],
+                      meta: Mapping[str, Any]) -> None:
+    if "optimizer" not in meta:
+        raise CheckpointError("checkpoint has no optimizer state: resume from last.safetensors")
+    optimizer.load_state_dict(_unflatten_optimizer(meta["optimizer"], tensors))
+    if "rng/torch" in tensors:
+        torch.set_rng_state(tensors["rng/torch"])

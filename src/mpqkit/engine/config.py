@@ -1,0 +1,166 @@
+"""Run configuration: dataclasses, YAML files and command-line overrides.
+
+Precedence: dataclass defaults < ``--config FILE.yaml`` < command-line flags. The resolved
+configuration is written into the run folder as ``config.yaml`` so the run can be reproduced
+from the folder alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from mpqkit.data import DataConfig
+from mpqkit.errors import ConfigError
+from mpqkit.quant.layers import QuantConfig
+
+T = TypeVar("T")
+
+
+@dataclass
+class OptimConfig:
+    """SGD with momentum and a per-step cosine (or step, or constant) learning-rate schedule."""
+
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"  # cosine | step | constant
+    warmup_epochs: float = 0.0
+    step_size: int = 30  # epochs between x0.1 decays for schedule=step
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class RunConfig:
+    """Everything a train / finetune / eval run needs (sections ``data``, ``optim``, ``quant``)."""
+
+    model: str = "resnet20"
+    num_classes: int | None = None  # default: the dataset's
+    input_size: int | None = None  # default: the dataset's native size
+    weights: str | None = None  # FP weights; "bundled" = the checkpoint shipped with mpqkit
+    policy: str | None = None  # policy.json path, or a uniform spec "w4a4" (finetune only)
+    first_last: str = "8bit"  # for uniform specs: 8bit | fp
+    epochs: int = 1
+    max_steps_per_epoch: int | None = None  # cut epochs short (smoke tests)
+    calib_batches: int = 1
+    kd_alpha: float = 0.0  # > 0: distil from the full-precision model (finetune)
+    kd_temperature: float = 1.0
+    amp: bool = False  # bf16/fp16 autocast on GPU
+    seed: int = 0
+    device: str = "auto"
+    out: str | None = None
+    overwrite: bool = False
+    resume: bool = False
+    save_every_min: float = 5.0  # mid-epoch checkpoint period (minutes); 0 = only per epoch
+    eval_every: int = 1
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        last: Exception | None = None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(a, value, where)
+            except ConfigError as exc:
+                last = exc
+        raise last or ConfigError(f"{where}: bad value {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where} must be a mapping of options, got {value!r}")
+        return from_dict(tp, value, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or
+                                           (isinstance(value, float) and value.is_integer())):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str | int | float):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def from_dict(cls: type[T], d: Mapping[str, Any], where: str = "config") -> T:
+    """Build dataclass ``cls`` from a mapping, refusing unknown keys and ill-typed values."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = [k for k in d if k not in names]
+    if unknown:
+        raise ConfigError(f"{where}: unknown option(s) {', '.join(map(str, unknown))}: known are "
+                          f"{', '.join(sorted(names))}")
+    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}") for k, v in d.items()}
+    return cls(**kwargs)
+
+
+def merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """Deep-merge ``over`` into a copy of ``base``; dotted keys address nested sections."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
+    for key, value in over.items():
+        if "." in key:
+            head, rest = key.split(".", 1)
+            out[head] = merge(out.get(head) or {}, {rest: value})
+        elif isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist: pass the path of a YAML file")
+    try:
+        d = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {p} is not valid YAML ({str(exc).splitlines()[0]}): "
+                          "fix its syntax") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of options at the top level")
+    return d
+
+
+def load_config(cls: type[T], config_file: str | Path | None = None,
+                overrides: Mapping[str, Any] | None = None) -> T:
+    """Defaults, then the YAML file, then ``overrides`` (dotted keys allowed)."""
+    d = to_dict(cls())
+    if config_file:
+        d = merge(d, read_yaml(config_file))
+    if overrides:
+        d = merge(d, {k: v for k, v in overrides.items() if v is not None})
+    return from_dict(cls, d, str(config_file) if config_file else "config")
+
+
+def write_yaml(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

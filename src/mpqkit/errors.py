@@ -1,0 +1,38 @@
+"""User-facing errors.
+
+Every problem a user can cause (bad model name, missing data, a policy that does not fit, ...)
+raises an :class:`MpqkitError` whose message is one line naming the problem and the fix. The CLI
+prints that line and exits with status 2; library users catch the exception.
+"""
+
+from __future__ import annotations
+
+
+class MpqkitError(Exception):
+    """A problem with the user's input, reported as one line that names the problem and the fix."""
+
+    exit_code = 2
+
+
+class ConfigError(MpqkitError):
+    """An option, config file or combination of options that cannot work."""
+
+
+class DataError(MpqkitError):
+    """A dataset that is unknown, missing, empty or unreadable."""
+
+
+class ModelError(MpqkitError):
+    """A model name or factory that cannot be built."""
+
+
+class PolicyError(MpqkitError):
+    """A policy that is malformed or does not fit the model."""
+
+
+class CheckpointError(MpqkitError):
+    """A checkpoint that is missing, corrupt or does not match the model."""
+
+
+class BudgetError(MpqkitError):
+    """A complexity budget that cannot be met."""

@@ -1,0 +1,113 @@
+"""Swap a model's layers for quantized ones by fully-qualified name, and calibrate them."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from mpqkit.complexity import quantizable_layers
+from mpqkit.errors import PolicyError
+from mpqkit.quant.layers import QuantConfig, QuantMixin, qlayer_for
+from mpqkit.quant.quantizers import Quantizer
+
+if TYPE_CHECKING:  # policy imports the quantizers; only the type is needed here
+    from mpqkit.policy import Policy
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def quantize_model(model: nn.Module, policy: Policy, config: QuantConfig | None = None, *,
+                   inplace: bool = False) -> nn.Module:
+    """Replace every layer named in ``policy`` by its quantized version with the policy's bits.
+
+    The policy must name exactly the model's quantizable layers (checked first, with every
+    missing and extra layer in the message). Parameters are shared with the float layers when
+    ``inplace`` is true; otherwise the model is deep-copied first. Already quantized layers get
+    new bits. Quantizer ranges are initialised from the first batch seen, or by :func:`calibrate`.
+    """
+    policy.validate(model)
+    config = config or QuantConfig()
+    if not inplace:
+        model = copy.deepcopy(model)
+    for name, mod in list(quantizable_layers(model).items()):
+        lp = policy.layers[name]
+        if isinstance(mod, QuantMixin):
+            mod = mod.to_float()
+        qcls = qlayer_for(mod)
+        if qcls is None:  # quantizable_layers only returns registered types
+            raise PolicyError(f"layer {name!r} ({type(mod).__name__}) cannot be quantized")
+        qmod = qcls.from_float(mod, lp.w_bits, lp.a_bits, config)
+        _set_submodule(model, name, qmod)
+    return model
+
+
+def dequantize_model(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """The float model with the same (trained) parameters, quantizers removed."""
+    if not inplace:
+        model = copy.deepcopy(model)
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, QuantMixin):
+            _set_submodule(model, name, mod.to_float())
+    return model
+
+
+def model_bits(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """``{name: (w_bits, a_bits)}`` of the quantized layers actually present in ``model``."""
+    return {n: (m.w_bits, m.a_bits) for n, m in model.named_modules()
+            if isinstance(m, QuantMixin)}
+
+
+def quantizers(model: nn.Module) -> Iterable[tuple[str, Quantizer]]:
+    for n, m in model.named_modules():
+        if isinstance(m, Quantizer):
+            yield n, m
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batches: Iterable[Tensor | tuple[Tensor, ...]] | Tensor,
+              max_batches: int = 1) -> nn.Module:
+    """Initialise every quantizer's range (and activation sign) from real data.
+
+    Runs ``max_batches`` batches through the model in eval mode. Each activation quantizer
+    sees the concatenation of its inputs over those batches; each weight quantizer its weight.
+    The training mode is restored afterwards.
+    """
+    qlayers = [m for m in model.modules() if isinstance(m, QuantMixin)]
+    if not qlayers:
+        return model
+    if isinstance(batches, Tensor):
+        batches = [batches]
+    seen: dict[int, list[Tensor]] = {id(m): [] for m in qlayers}
+    hooks = [m.register_forward_pre_hook(
+        lambda mod, inp: seen[id(mod)].append(inp[0].detach())) for m in qlayers]
+    for m in qlayers:  # keep the quantizers out of the way while collecting
+        m.aq._ready = True
+        m.aq.initialized.fill_(1)
+    was_training = model.training
+    model.eval()
+    try:
+        for i, b in enumerate(batches):
+            if i >= max_batches:
+                break
+            x = b[0] if isinstance(b, tuple | list) else b
+            model(x.to(next(model.parameters()).device))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    for m in qlayers:
+        m.wq.init_from(m.weight)
+        if seen[id(m)]:
+            m.aq.init_from(torch.cat([t.flatten(1) for t in seen[id(m)]], 0))
+        else:
+            m.aq.initialized.fill_(0)
+            m.aq._ready = False
+    return model

@@ -1,0 +1,348 @@
+"""Fake quantizers with the bit-width as a value.
+
+Conventions (stated once, used everywhere):
+
+* ``bits`` is an int in 2..8, or 32 for full precision (the quantizer is then the identity).
+* Weights are signed and symmetric: integers in ``[-(2**(b-1) - 1), 2**(b-1) - 1]`` (``2**b - 1``
+  levels, zero exactly representable), per tensor or per output channel.
+* Activations after a ReLU are unsigned: integers in ``[0, 2**b - 1]`` (``2**b`` levels). Other
+  activations are signed: ``[-2**(b-1), 2**(b-1) - 1]``. With ``signed=None`` the sign is decided
+  from the first batch the quantizer sees (calibration): non-negative inputs mean unsigned.
+* ``x_q = clamp(round(x / s), qmin, qmax) * s`` with straight-through gradients for ``x`` inside
+  the range and the LSQ gradient for the step ``s``.
+
+Every quantizer exposes :meth:`Quantizer.qparams` (scale, qmin, qmax) so export can store the same
+integers that training used.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from mpqkit.errors import ConfigError
+
+SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8, 32)
+FULL_PRECISION = 32
+
+WEIGHT_METHODS = ("lsq", "maxabs", "dorefa")
+ACT_METHODS = ("lsq", "pact")
+
+
+def check_bits(bits: int, what: str = "bits") -> int:
+    """Return ``bits`` as int, or raise a one-line error if it is not in 2..8 or 32."""
+    if isinstance(bits, bool) or not isinstance(bits, int | float) or int(bits) != bits:
+        raise ConfigError(f"{what}={bits!r} is not an integer: use a bit-width in 2..8, or 32 for "
+                          "full precision")
+    bits = int(bits)
+    if bits not in SUPPORTED_BITS:
+        raise ConfigError(f"{what}={bits} is outside the supported range: use 2..8, or 32 for full "
+                          "precision")
+    return bits
+
+
+def int_range(bits: int, signed: bool, symmetric: bool) -> tuple[int, int]:
+    """Integer range ``(qmin, qmax)`` of a ``bits``-wide quantizer."""
+    if signed:
+        qmax = 2 ** (bits - 1) - 1
+        return (-qmax if symmetric else -qmax - 1), qmax
+    return 0, 2**bits - 1
+
+
+def round_ste(x: Tensor) -> Tensor:
+    """Round to nearest with a straight-through (identity) gradient."""
+    return (x.round() - x).detach() + x
+
+
+class _LSQFunction(torch.autograd.Function):
+    """Fused LSQ fake quantization (Esser et al. 2020): one pass forward, one pass backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: Tensor, qmin: int, qmax: int, grad_scale: float,
+                reduce_dims: tuple[int, ...]) -> Tensor:
+        xs = x / scale
+        q = xs.round().clamp_(qmin, qmax)
+        ctx.save_for_backward(xs, q)
+        ctx.qmin, ctx.qmax, ctx.grad_scale, ctx.reduce_dims = qmin, qmax, grad_scale, reduce_dims
+        ctx.scale_shape = scale.shape
+        return q * scale
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        xs, q = ctx.saved_tensors
+        inside = (xs >= ctx.qmin) & (xs <= ctx.qmax)
+        grad_x = grad * inside
+        # d(x_q)/ds = q - x/s inside the range, q (= qmin or qmax) outside.
+        ds = torch.where(inside, q - xs, q) * grad
+        if ctx.reduce_dims:
+            grad_s = ds.sum(dim=ctx.reduce_dims, keepdim=True)
+        else:
+            grad_s = ds.sum()
+        return grad_x, grad_s.reshape(ctx.scale_shape) * ctx.grad_scale, None, None, None, None
+
+
+class Quantizer(nn.Module):
+    """Base class: a fake quantizer for one tensor with a fixed bit-width.
+
+    Subclasses implement :meth:`_init_from` (range initialisation from a tensor) and
+    :meth:`_quantize`. ``bits == 32`` makes the quantizer an identity with no parameters used.
+    """
+
+    method: str = ""
+
+    def __init__(self, bits: int, signed: bool | None, symmetric: bool, channels: int = 1,
+                 channel_dim: int = 0) -> None:
+        super().__init__()
+        self.bits = check_bits(bits)
+        self.symmetric = symmetric
+        self.channels = channels
+        self.channel_dim = channel_dim
+        # Sign and initialisation state are buffers so they travel with the state dict.
+        self.register_buffer("signed_flag", torch.tensor(-1 if signed is None else int(signed)))
+        self.register_buffer("initialized", torch.tensor(0))
+        self._ready = False  # python-side cache of `initialized`, avoids a device sync per call
+
+    # -- state ---------------------------------------------------------------------------------
+    @property
+    def enabled(self) -> bool:
+        return self.bits != FULL_PRECISION
+
+    @property
+    def signed(self) -> bool | None:
+        v = int(self.signed_flag)
+        return None if v < 0 else bool(v)
+
+    @property
+    def per_channel(self) -> bool:
+        return self.channels > 1
+
+    def int_range(self) -> tuple[int, int]:
+        signed = self.signed
+        return int_range(self.bits, True if signed is None else signed, self.symmetric)
+
+    def extra_repr(self) -> str:
+        s = "fp32" if not self.enabled else f"bits={self.bits}"
+        if self.enabled:
+            s += f", signed={self.signed}, per_channel={self.per_channel}"
+        return s
+
+    # -- behaviour -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_from(self, x: Tensor) -> None:
+        """Initialise the range (and the sign, if undecided) from a representative tensor."""
+        if not self.enabled:
+            return
+        if self.signed is None:
+            self.signed_flag.fill_(int(bool((x < 0).any())))
+        x = x.detach().float()
+        if not self.per_channel and x.numel() > 2**20:  # a strided sample is enough for a range
+            x = x.flatten()[:: x.numel() // 2**20 + 1]
+        self._init_from(x)
+        self.initialized.fill_(1)
+        self._ready = True
+
+    def _load_from_state_dict(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        self._ready = False
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.enabled:
+            return x
+        if not self._ready:
+            if bool(self.initialized):
+                self._ready = True
+            else:
+                self.init_from(x)
+        return self._quantize(x)
+
+    def _shape(self, x: Tensor) -> list[int]:
+        """Broadcast shape of a per-channel parameter for tensor ``x``."""
+        shape = [1] * x.dim()
+        if self.per_channel:
+            shape[self.channel_dim] = self.channels
+        return shape
+
+    def _reduce_dims(self, x: Tensor) -> tuple[int, ...]:
+        if not self.per_channel:
+            return ()
+        return tuple(d for d in range(x.dim()) if d != self.channel_dim)
+
+    def _init_from(self, x: Tensor) -> None:
+        raise NotImplementedError
+
+    def _quantize(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def qparams(self, x: Tensor | None = None) -> tuple[Tensor, int, int]:
+        """``(scale, qmin, qmax)`` in use; ``scale`` broadcasts against the quantized tensor."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def to_int(self, x: Tensor) -> Tensor:
+        """The integers that represent ``x`` (``x_q = to_int(x) * scale``)."""
+        scale, qmin, qmax = self.qparams(x)
+        return torch.clamp(torch.round(self._pre(x) / scale), qmin, qmax).to(torch.int32)
+
+    def _pre(self, x: Tensor) -> Tensor:
+        """Transform applied before the uniform grid (identity except for DoReFa)."""
+        return x
+
+
+def _mse_scale(x: Tensor, qmin: int, qmax: int, reduce_dims: tuple[int, ...],
+               shape: list[int], steps: int = 40) -> Tensor:
+    """Step size minimising the quantization MSE over clipping ratios of the max-abs range."""
+    if reduce_dims:
+        amax = x.abs().amax(dim=reduce_dims, keepdim=True)
+    else:
+        amax = x.abs().max().reshape(shape)
+    amax = amax.clamp_min(1e-8)
+    best_err = None
+    best = amax / qmax
+    for i in range(steps):
+        ratio = 1.0 - i / (steps * 1.25)  # clip from 100% down to ~20% of max-abs
+        s = amax * ratio / max(qmax, -qmin)
+        err = (torch.clamp(torch.round(x / s), qmin, qmax) * s - x).pow(2)
+        err = err.sum(dim=reduce_dims, keepdim=True) if reduce_dims else err.sum().reshape(shape)
+        if best_err is None:
+            best_err, best = err, s
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best = torch.where(better, s, best)
+    return best
+
+
+class LSQQuantizer(Quantizer):
+    """Learned step size quantization: a trainable step per tensor or per channel."""
+
+    method = "lsq"
+
+    def __init__(self, bits: int, signed: bool | None = None, symmetric: bool = False,
+                 channels: int = 1, channel_dim: int = 0) -> None:
+        super().__init__(bits, signed, symmetric, channels, channel_dim)
+        self.scale = nn.Parameter(torch.ones(channels))
+
+    def _init_from(self, x: Tensor) -> None:
+        qmin, qmax = self.int_range()
+        s = _mse_scale(x, qmin, qmax, self._reduce_dims(x), self._shape(x))
+        self.scale.data.copy_(s.reshape(-1).to(self.scale.dtype))
+
+    def _scale(self, x: Tensor) -> Tensor:
+        return self.scale.abs().clamp_min(1e-8).reshape(self._shape(x)).to(x.dtype)
+
+    def _quantize(self, x: Tensor) -> Tensor:
+        qmin, qmax = self.int_range()
+        n = x.numel() // (self.channels if self.per_channel else 1)
+        if not self.per_channel and self.channel_dim == 1:  # activation: features per sample
+            n = max(1, x[0].numel())
+        grad_scale = 1.0 / math.sqrt(max(1, n) * max(1, qmax))
+        return _LSQFunction.apply(x, self._scale(x), qmin, qmax, grad_scale,
+                                  self._reduce_dims(x))
+
+    def qparams(self, x: Tensor | None = None) -> tuple[Tensor, int, int]:
+        qmin, qmax = self.int_range()
+        s = self.scale.detach().abs().clamp_min(1e-8)
+        return (s.reshape(self._shape(x)) if x is not None else s.reshape(-1)), qmin, qmax
+
+
+class PACTQuantizer(Quantizer):
+    """PACT (Choi et al. 2018): a learnable clip ``alpha``; step ``alpha / qmax``."""
+
+    method = "pact"
+
+    def __init__(self, bits: int, signed: bool | None = None, symmetric: bool = False,
+                 channels: int = 1, channel_dim: int = 1) -> None:
+        super().__init__(bits, signed, symmetric, 1, channel_dim)
+        self.alpha = nn.Parameter(torch.tensor([6.0]))
+
+    def _init_from(self, x: Tensor) -> None:
+        qmin, qmax = self.int_range()
+        s = _mse_scale(x, qmin, qmax, (), [1])
+        self.alpha.data.copy_((s * max(qmax, -qmin)).reshape(1))
+
+    def _quantize(self, x: Tensor) -> Tensor:
+        qmin, qmax = self.int_range()
+        alpha = self.alpha.abs().clamp_min(1e-6).to(x.dtype)
+        # torch.minimum/maximum route the clipped part of the gradient to alpha (the PACT rule).
+        y = torch.minimum(x, alpha)
+        y = torch.maximum(y, -alpha) if qmin < 0 else torch.clamp(y, min=0)
+        scale = alpha / max(qmax, -qmin)
+        return round_ste(y / scale).clamp(qmin, qmax) * scale
+
+    def qparams(self, x: Tensor | None = None) -> tuple[Tensor, int, int]:
+        qmin, qmax = self.int_range()
+        scale = self.alpha.detach().abs().clamp_min(1e-6) / max(qmax, -qmin)
+        return scale.reshape(1), qmin, qmax
+
+
+class MaxAbsQuantizer(Quantizer):
+    """Weights scaled by their current max-abs value (no learnable parameter)."""
+
+    method = "maxabs"
+
+    def _init_from(self, x: Tensor) -> None:
+        return None
+
+    def _amax(self, x: Tensor) -> Tensor:
+        rd = self._reduce_dims(x)
+        amax = x.detach().abs().amax(dim=rd, keepdim=True) if rd else x.detach().abs().max()
+        return amax.clamp_min(1e-8)
+
+    def _quantize(self, x: Tensor) -> Tensor:
+        qmin, qmax = self.int_range()
+        scale = self._amax(x) / qmax
+        return round_ste(x / scale).clamp(qmin, qmax) * scale
+
+    def qparams(self, x: Tensor | None = None) -> tuple[Tensor, int, int]:
+        if x is None:
+            raise ValueError("MaxAbsQuantizer.qparams needs the tensor it quantizes")
+        qmin, qmax = self.int_range()
+        scale = self._amax(x) / qmax
+        return scale.reshape(self._shape(x)) if self.per_channel else scale.reshape(1), qmin, qmax
+
+
+class DoReFaQuantizer(MaxAbsQuantizer):
+    """DoReFa-style weights: ``tanh`` normalisation to [-1, 1], then the symmetric b-bit grid."""
+
+    method = "dorefa"
+
+    def _pre(self, x: Tensor) -> Tensor:
+        t = torch.tanh(x)
+        rd = self._reduce_dims(x)
+        m = t.detach().abs().amax(dim=rd, keepdim=True) if rd else t.detach().abs().max()
+        return t / m.clamp_min(1e-8)
+
+    def _quantize(self, x: Tensor) -> Tensor:
+        qmin, qmax = self.int_range()
+        return round_ste(self._pre(x) * qmax).clamp(qmin, qmax) / qmax
+
+    def qparams(self, x: Tensor | None = None) -> tuple[Tensor, int, int]:
+        qmin, qmax = self.int_range()
+        return torch.tensor([1.0 / qmax]), qmin, qmax
+
+
+def make_weight_quantizer(method: str, bits: int, out_channels: int,
+                          per_channel: bool = False) -> Quantizer:
+    """A signed symmetric weight quantizer (channel dim 0)."""
+    channels = out_channels if per_channel else 1
+    if method == "lsq":
+        return LSQQuantizer(bits, signed=True, symmetric=True, channels=channels, channel_dim=0)
+    if method == "maxabs":
+        return MaxAbsQuantizer(bits, signed=True, symmetric=True, channels=channels,
+                               channel_dim=0)
+    if method == "dorefa":
+        return DoReFaQuantizer(bits, signed=True, symmetric=True, channels=channels,
+                               channel_dim=0)
+    raise ConfigError(f"unknown weight quantizer {method!r}: use one of {', '.join(WEIGHT_METHODS)}")
+
+
+def make_act_quantizer(method: str, bits: int, signed: bool | None = None) -> Quantizer:
+    """An activation quantizer, per tensor; ``signed=None`` decides the sign at calibration."""
+    if method == "lsq":
+        return LSQQuantizer(bits, signed=signed, symmetric=False, channels=1, channel_dim=1)
+    if method == "pact":
+        return PACTQuantizer(bits, signed=signed, symmetric=False)
+    raise ConfigError(f"unknown activation quantizer {method!r}: use one of "
+                      f"{', '.join(ACT_METHODS)}")
