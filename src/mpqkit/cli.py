@@ -23,6 +23,7 @@ SUBCOMMAND_MODULES = [
     "mpqkit.cli_core",
     "mpqkit.search.cli",
     "mpqkit.export.cli",
+    "mpqkit.cli_tools",
 ]
 
 

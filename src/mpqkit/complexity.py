@@ -72,8 +72,8 @@ def profile_model(model: nn.Module, input_size: int | tuple[int, int],
     h, w = normalize_input_size(input_size)
     layers = quantizable_layers(model)
     if not layers:
-        raise ModelError(f"{type(model).__name__} has no Conv2d or Linear layer to quantize: pass a "
-                         "model built from torch.nn.Conv2d / torch.nn.Linear")
+        raise ModelError(f"{type(model).__name__} has no Conv2d or Linear layer to quantize: "
+                         "pass a model built from torch.nn.Conv2d / torch.nn.Linear")
     infos: dict[str, LayerInfo] = {}
     order: list[str] = []
     handles = []
@@ -189,4 +189,5 @@ def parse_count(text: str) -> float:
             return float(t[:-1]) * mult[t[-1]]
         return float(t)
     except ValueError:
-        raise ConfigError(f"cannot read the number {text!r}: write e.g. 1.2G, 350M or 1.5e9") from None
+        raise ConfigError(f"cannot read the number {text!r}: write e.g. 1.2G, 350M or "
+                          "1.5e9") from None

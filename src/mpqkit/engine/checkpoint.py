@@ -85,7 +85,8 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     """
     p = Path(path)
     if p.is_dir():
-        raise CheckpointError(f"{p} is a folder: pass a checkpoint file such as {p}/best.safetensors")
+        raise CheckpointError(f"{p} is a folder: pass a checkpoint file such as "
+                              f"{p}/best.safetensors")
     st = p if p.suffix == ".safetensors" else p.with_suffix(".safetensors")
     if not st.is_file():
         raise CheckpointError(f"checkpoint {st} does not exist: pass RUN_DIR/best.safetensors or "

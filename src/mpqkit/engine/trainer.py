@@ -217,6 +217,8 @@ def _limited(loader: Any, limit: int | None) -> Iterator[Any]:
 # the run
 # ----------------------------------------------------------------------------------------------
 def _run(cfg: RunConfig, command: str, quantized: bool) -> RunResult:
+    if quantized and not cfg.policy and not cfg.resume:
+        resolve_policy(None, nn.Identity(), 0, "", "")  # raises the "needs a policy" error
     device = resolve_device(cfg.device)
     dist_info: DistInfo = init_distributed(device)
     run_dir = prepare_run_dir(cfg, command, dist_info.is_main)

@@ -335,7 +335,8 @@ def make_weight_quantizer(method: str, bits: int, out_channels: int,
     if method == "dorefa":
         return DoReFaQuantizer(bits, signed=True, symmetric=True, channels=channels,
                                channel_dim=0)
-    raise ConfigError(f"unknown weight quantizer {method!r}: use one of {', '.join(WEIGHT_METHODS)}")
+    raise ConfigError(f"unknown weight quantizer {method!r}: use one of "
+                      f"{', '.join(WEIGHT_METHODS)}")
 
 
 def make_act_quantizer(method: str, bits: int, signed: bool | None = None) -> Quantizer:

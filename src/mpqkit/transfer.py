@@ -1,0 +1,136 @@
+"""Policy transfer: the bits searched on a proxy model, mapped by layer name onto a target model.
+
+The proxy and the target must share the names of their quantized layers (e.g. the CIFAR-stem
+``resnet18_cifar`` and torchvision's ``resnet18``); any missing or extra layer is refused with
+the names. Complexity is recomputed at the target's input size.
+
+The budget a policy was searched under is stated on the proxy. On the target it is re-evaluated
+as the same *uniform-equivalent* budget: a ``w3a3`` budget becomes the BitOps of uniform w3a3 on
+the target (fixed layers at their fixed bits) at the target's input size. An absolute budget
+``B`` becomes its average bit product over the searchable layers,
+``p = (B - fixed BitOps) / searchable MACs`` on the proxy, then ``fixed BitOps + p * searchable
+MACs`` on the target (``p = 9`` for a w3a3 budget, so both rules agree). A size budget likewise
+becomes average bits per searchable weight. The budget *holds* when the transferred policy does
+not exceed that figure.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mpqkit.complexity import MB, compute_complexity, quantizable_layers
+from mpqkit.errors import PolicyError
+from mpqkit.models import build_model, default_input_size
+from mpqkit.policy import Policy, parse_uniform
+from mpqkit.search.budget import Budget, format_cost, is_uniform_spec, layer_cost
+
+
+def _split_cost(policy: Policy, kind: str) -> tuple[float, float]:
+    """(cost of the fixed layers at their bits, unit cost of the searchable layers).
+
+    The unit cost is searchable MACs (BitOps per bit product) or searchable weights in MB per bit.
+    """
+    fixed = unit = 0.0
+    for n, info in policy.layer_infos().items():
+        lp = policy.layers[n]
+        if lp.fixed:
+            fixed += layer_cost(info, lp.w_bits, lp.a_bits, kind)
+        else:
+            unit += info.macs if kind == "bitops" else info.params / 8 / MB
+    return fixed, unit
+
+
+def _uniform_cost(policy: Policy, w: int, a: int, kind: str) -> float:
+    infos = policy.layer_infos()
+    bits = {n: ((lp.w_bits, lp.a_bits) if lp.fixed else (w, a))
+            for n, lp in policy.layers.items()}
+    c = compute_complexity(infos, bits, policy.input_size)
+    return float(c.bitops) if kind == "bitops" else float(c.size_mb)
+
+
+def retarget_budget(budget: Budget, proxy: Policy, target: Policy) -> tuple[float, str]:
+    """The budget's value on ``target`` and a short description of the rule used."""
+    h, w_ = target.input_size
+    if is_uniform_spec(budget.spec) and budget.kind == "bitops":
+        wb, ab = parse_uniform(budget.spec)
+        return (_uniform_cost(target, wb, ab, "bitops"),
+                f"BitOps of uniform {budget.spec} on the target at {h}x{w_}")
+    pf, pu = _split_cost(proxy, budget.kind)
+    tf, tu = _split_cost(target, budget.kind)
+    if pu <= 0:
+        return budget.value, "unchanged (the proxy policy has no searchable layer)"
+    p = (budget.value - pf) / pu
+    if budget.kind == "bitops":
+        return tf + p * tu, (f"the same average bit product w*a = {p:.2f} over the searchable "
+                             f"layers, on the target at {h}x{w_}")
+    return tf + p * tu, f"the same average {p:.2f} bits per searchable weight, on the target"
+
+
+def _names(names: list[str], limit: int = 12) -> str:
+    return ", ".join(names[:limit]) + (f" ... (+{len(names) - limit})" if len(names) > limit
+                                       else "")
+
+
+def transfer_policy(policy: Policy | str | Path, model_name: str, num_classes: int | None = None,
+                    input_size: int | tuple[int, int] | None = None
+                    ) -> tuple[Policy, dict[str, Any]]:
+    """Map ``policy`` onto ``model_name`` by layer name; re-check its budget on the target.
+
+    Returns the target policy (complexity at ``input_size``, default the model's native size;
+    its ``budget`` re-evaluated on the target, the proxy's value kept as ``proxy_value``) and a
+    JSON-friendly report: layers, complexity on proxy and target, the budget on both, and
+    whether it ``holds``. Raises :class:`PolicyError` naming every missing and extra layer.
+    """
+    src = policy if isinstance(policy, Policy) else Policy.load(policy)
+    num_classes = num_classes or (1000 if default_input_size(model_name) == 224 else 10)
+    size = input_size or default_input_size(model_name)
+    model = build_model(model_name, num_classes=num_classes)
+    names = list(quantizable_layers(model))
+    missing = [n for n in names if n not in src.layers]
+    extra = [n for n in src.layers if n not in set(names)]
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} {model_name} layer(s) missing from the policy: "
+                         f"{_names(missing)}")
+        if extra:
+            parts.append(f"{len(extra)} policy layer(s) not in {model_name}: {_names(extra)}")
+        raise PolicyError(f"cannot transfer the {src.model or 'given'} policy to {model_name}, "
+                          f"the quantized layer names differ ({'; '.join(parts)}): transfer "
+                          "between models that share layer names, e.g. resnet18_cifar -> "
+                          "resnet18")
+    target = src.retarget(model, size, model_name)
+    target.provenance["transferred_to"] = {"model": model_name, "num_classes": num_classes,
+                                           "input_size": list(target.input_size)}
+    pc, tc = src.complexity(), target.complexity()
+    h, w = target.input_size
+    report: dict[str, Any] = {
+        "source_model": src.model, "target_model": model_name, "num_classes": num_classes,
+        "source_input_size": list(src.input_size), "input_size": [h, w],
+        "layers": len(target.layers), "source_complexity": pc.to_dict(),
+        "complexity": tc.to_dict(), "budget": None, "holds": None,
+    }
+    if not src.budget:
+        report["message"] = (f"{model_name} at {h}x{w}: BitOps {tc.bitops / 1e9:.4f}G, size "
+                             f"{tc.size_mb:.4f} MB; the policy records no budget to check")
+        return target, report
+    budget = Budget.from_dict(src.budget)
+    value, rule = retarget_budget(budget, src, target)
+    achieved = float(tc.bitops) if budget.kind == "bitops" else float(tc.size_mb)
+    holds = achieved <= value * (1 + 1e-9)
+    # the proxy's figures, for reference
+    proxy_achieved = float(pc.bitops) if budget.kind == "bitops" else float(pc.size_mb)
+    report["budget"] = {"kind": budget.kind, "spec": budget.spec, "proxy_value": budget.value,
+                        "proxy_achieved": proxy_achieved, "target_value": value,
+                        "target_achieved": achieved, "ratio": achieved / value if value else
+                        float("inf"), "rule": rule}
+    report["holds"] = holds
+    report["message"] = (f"budget {budget.spec} {'holds' if holds else 'does not hold'} on "
+                         f"{model_name} at {h}x{w}: {format_cost(achieved, budget.kind)} "
+                         f"{'<=' if holds else '>'} {format_cost(value, budget.kind)} ({rule})")
+    target.budget = {"kind": budget.kind, "value": value, "spec": budget.spec,
+                     "proxy_value": budget.value, "proxy_model": src.model,
+                     "proxy_input_size": list(src.input_size)}
+    return target, report
+

@@ -1,0 +1,72 @@
+"""train -> finetune -> eval on a tiny synthetic image folder (seconds, CPU)."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+from mpqkit.data import DataConfig
+from mpqkit.engine import RunConfig, evaluate, finetune, load_checkpoint_model, load_config, train
+from mpqkit.engine.checkpoint import read_checkpoint
+from mpqkit.errors import ConfigError
+
+
+def tiny_cfg(folder, out, **kw):
+    cfg = RunConfig(model="resnet20", epochs=2, out=str(out), save_every_min=0.0)
+    cfg.data = DataConfig(name=f"imagefolder:{folder}", batch_size=8, eval_batch_size=16,
+                          input_size=32)
+    cfg.optim.lr = 0.05
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def test_train_finetune_eval(tiny_folder, tmp_path):
+    res = train(tiny_cfg(tiny_folder, tmp_path / "fp"))
+    run = res.run_dir
+    for name in ("config.yaml", "metrics.csv", "log.txt", "best.safetensors", "best.json",
+                 "last.safetensors", "last.json"):
+        assert (run / name).is_file(), name
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert 0 <= res.final_acc <= 100
+    cfg_back = load_config(RunConfig, run / "config.yaml")
+    assert cfg_back.epochs == 2 and cfg_back.data.batch_size == 8
+
+    ft = finetune(tiny_cfg(tiny_folder, tmp_path / "qat", epochs=1, policy="w4a4",
+                           weights=str(run / "best.safetensors"), kd_alpha=0.5))
+    pol = json.loads((ft.run_dir / "policy.json").read_text())
+    assert pol["layers"]["layer1.0.conv1"]["w_bits"] == 4
+    assert pol["layers"]["conv1"]["w_bits"] == 8
+    model, meta = load_checkpoint_model(ft.run_dir / "best.safetensors")
+    assert meta["policy"]["layers"]["fc"]["a_bits"] == 8
+    assert model.layer1[0].conv1.w_bits == 4 and bool(model.layer1[0].conv1.aq.initialized)
+    res = evaluate(ft.run_dir / "best.safetensors",
+                   DataConfig(name=f"imagefolder:{tiny_folder}", input_size=32))
+    assert res["n"] == 32 and res["bitops"] == ft.policy.complexity().bitops
+    assert abs(res["top1"] - ft.best_acc) < 1e-6
+
+
+def test_finetune_needs_weights_and_policy(tiny_folder, tmp_path):
+    with pytest.raises(ConfigError, match="--weights"):
+        finetune(tiny_cfg(tiny_folder, tmp_path / "a", policy="w4a4"))
+    with pytest.raises(ConfigError, match="needs a policy"):
+        finetune(tiny_cfg(tiny_folder, tmp_path / "b", weights="none"))
+
+
+def test_overwrite_protection(tiny_folder, tmp_path):
+    train(tiny_cfg(tiny_folder, tmp_path / "r", epochs=1))
+    with pytest.raises(ConfigError, match="already holds a run.*--resume.*--overwrite"):
+        train(tiny_cfg(tiny_folder, tmp_path / "r", epochs=1))
+    res = train(tiny_cfg(tiny_folder, tmp_path / "r", epochs=1, overwrite=True))
+    assert len(res.metrics) == 1
+
+
+def test_resume_of_a_finished_run_changes_nothing(tiny_folder, tmp_path):
+    a = train(tiny_cfg(tiny_folder, tmp_path / "done", epochs=1))
+    before, _ = read_checkpoint(a.run_dir / "last.safetensors")
+    b = train(tiny_cfg(tiny_folder, tmp_path / "done", resume=True))
+    after, _ = read_checkpoint(b.run_dir / "last.safetensors")
+    assert b.final_acc == pytest.approx(a.final_acc)
+    assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith("rng/"))

@@ -1,0 +1,56 @@
+import sys
+
+import pytest
+import torch
+
+from mpqkit import build_model, profile_model
+from mpqkit.errors import ModelError
+from mpqkit.models import bundled_info, bundled_weights
+
+
+@pytest.mark.parametrize("name,params", [("resnet20", 0.27e6), ("resnet32", 0.46e6),
+                                         ("resnet56", 0.85e6)])
+def test_cifar_resnets(name, params):
+    m = build_model(name)
+    n = sum(p.numel() for p in m.parameters())
+    assert abs(n - params) / params < 0.03
+    assert m(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("cifar,tv", [("resnet18_cifar", "resnet18"),
+                                      ("mobilenet_v2_cifar", "mobilenet_v2")])
+def test_cifar_variants_share_torchvision_layer_names(cifar, tv):
+    a = profile_model(build_model(cifar, num_classes=10), 32)
+    b = profile_model(build_model(tv, num_classes=200), 64)
+    assert list(a) == list(b)
+
+
+def test_user_model_by_import_path(tmp_path, monkeypatch):
+    (tmp_path / "mymodels.py").write_text(
+        "from torch import nn\n"
+        "def tiny(num_classes=10):\n"
+        "    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(num_classes))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    m = build_model("mymodels:tiny", num_classes=7)
+    assert m(torch.zeros(1, 3, 8, 8)).shape == (1, 7)
+    sys.modules.pop("mymodels", None)
+
+
+@pytest.mark.parametrize("name,match", [("resnet21", "unknown model"),
+                                        ("no_such_pkg:f", "cannot import"),
+                                        ("torch:no_such_factory", "no callable")])
+def test_unknown_models(name, match):
+    with pytest.raises(ModelError, match=match):
+        build_model(name)
+
+
+def test_bundled_resnet20_checkpoint_loads():
+    path = bundled_weights("resnet20", "cifar10")
+    if path is None:
+        pytest.skip("bundled checkpoint not built yet")
+    from mpqkit.engine.checkpoint import load_model_state, read_checkpoint
+
+    tensors, _ = read_checkpoint(path)
+    load_model_state(build_model("resnet20"), tensors, str(path))
+    info = bundled_info("resnet20", "cifar10")
+    assert info is not None and info["test_top1"] > 80
