@@ -22,6 +22,14 @@ def shared_data_dir() -> Path | None:
     return None
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache(tmp_path_factory):
+    """Tests decode into their own cache (subprocesses inherit it) unless one is given."""
+    if not os.environ.get("MPQKIT_CACHE_DIR"):
+        os.environ["MPQKIT_CACHE_DIR"] = str(tmp_path_factory.mktemp("mpqkit-cache"))
+    yield
+
+
 @pytest.fixture(autouse=True)
 def _few_threads():
     torch.set_num_threads(1)
