@@ -1,0 +1,508 @@
+"""HAWQ: Hessian-aware bit allocation by an integer linear program (HAWQ-V2/V3 style).
+
+No supernet and no training search. On the full-precision model:
+
+1. Per quantizable layer ``l``, the trace of the Hessian of the loss with respect to the layer's
+   weight, ``tr(H_W[l])``, and with respect to the layer's input activation, ``tr(H_X[l])``, are
+   estimated with Hutchinson's method: ``tr(H) = E[v^T H v]`` for Rademacher ``v``, with
+   Hessian-vector products by double backward over that block alone (``joint=True``: one
+   double backward for all blocks, cheaper but noisier). The model is in eval mode (BatchNorm
+   running statistics); estimates are averaged over a few proxy batches and iterations.
+2. Sensitivity of each bit choice, the second-order estimate of the loss increase (factor 1/2
+   dropped, it does not change the argmin):
+
+       Omega_w(l, b) = tr(H_W[l]) / numel(W[l]) * ||Q_b(W[l]) - W[l]||^2
+       Omega_a(l, b) = tr(H_X[l]) / d[l] * mean_i ||Q_b(x_i[l]) - x_i[l]||^2
+
+   where ``Q_b`` is the MSE-optimal uniform ``b``-bit quantizer of :mod:`mpqkit.quant` (weights
+   signed symmetric, per tensor or per channel as configured; activations per tensor, unsigned
+   when non-negative), ``d[l]`` the activation size of one image and ``x_i[l]`` the layer's input
+   for image ``i`` of a calibration batch (the first proxy batch). Both terms estimate the
+   change of the batch-mean loss, so weights and activations are on one scale.
+3. An integer linear program picks one ``(w_bits, a_bits)`` per searchable layer minimising
+   ``sum_l Omega_w(l, w) + Omega_a(l, a)`` under the budget, with the band
+   ``[(1 - tol) * budget, budget]`` as constraint (``scipy.optimize.milp``).
+
+With ``activations=False`` no activation trace is measured and the stated simpler rule applies:
+the activation bits of a layer equal its weight bits (only choices with ``a == w``).
+
+The traces are cached as ``hawq_traces.json`` in the run folder and reused when the model,
+data, batches, iterations and seed are the same; ``hawq_sensitivity.json`` keeps the traces
+and every Omega for inspection.
+
+As ``mpqkit search --method hawq`` (registered here): the FP model is the one given by
+``--weights`` (or ``bundled``); without weights, the ``teacher`` checkpoint if given, else the
+model trained on the proxy set for ``teacher_epochs`` epochs into ``RUN_DIR/fp`` (a Hessian of
+random weights says nothing). ``hawq_batches`` proxy batches (``options.hawq_batch_size``) and
+``hawq_iters`` iterations per batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mpqkit.complexity import LayerInfo, quantizable_layers
+from mpqkit.errors import BudgetError, ConfigError
+from mpqkit.quant.layers import QuantMixin
+from mpqkit.quant.quantizers import make_act_quantizer, make_weight_quantizer
+from mpqkit.search.budget import (
+    DEFAULT_TOL,
+    Budget,
+    check_feasible,
+    layer_cost,
+    policy_cost,
+    solve_choices,
+)
+from mpqkit.search.loop import MethodResult, SearchContext, register_method
+
+CACHE_FILE = "hawq_traces.json"
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+# ----------------------------------------------------------------------------------------------
+# Hutchinson
+# ----------------------------------------------------------------------------------------------
+def _rademacher(shape: torch.Size, gen: torch.Generator) -> Tensor:
+    return torch.randint(0, 2, shape, generator=gen).float().mul_(2).sub_(1)
+
+
+def hutchinson_trace(fn: Callable[[], tuple[Tensor, Sequence[Tensor]]], iters: int = 16,
+                     seed: int = 0, joint: bool = False) -> list[float]:
+    """Hutchinson estimates of the trace of each diagonal Hessian block.
+
+    ``fn()`` returns a scalar loss and the tensors (leaf parameters or intermediate activations
+    of its graph) whose blocks ``d^2 loss / d t^2`` are wanted. One gradient with
+    ``create_graph=True``, then per iteration a Rademacher vector per block (generator seeded
+    with ``seed``) and Hessian-vector products by double backward: one per block (exact block,
+    the default), or with ``joint=True`` one for all blocks together (cheaper, but the
+    cross-block terms, zero in expectation, add variance). Blocks the loss does not depend on
+    twice give 0.
+    """
+    if iters < 1:
+        raise ConfigError(f"Hutchinson iterations must be >= 1, got {iters}: e.g. 16")
+    with torch.enable_grad():
+        loss, tensors = fn()
+        tensors = list(tensors)
+        grads = torch.autograd.grad(loss, tensors, create_graph=True, allow_unused=True)
+        live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+        sums = [0.0] * len(tensors)
+        gen = torch.Generator().manual_seed(int(seed))
+        for it in range(iters):
+            vs = [_rademacher(tensors[i].shape, gen).to(tensors[i]) for i in live]
+            last = it + 1 == iters
+            if joint and live:
+                hvs = torch.autograd.grad([grads[i] for i in live], [tensors[i] for i in live],
+                                          grad_outputs=vs, retain_graph=not last,
+                                          allow_unused=True)
+            else:
+                hvs = tuple(torch.autograd.grad(grads[i], tensors[i], grad_outputs=v,
+                                                retain_graph=not (last and j + 1 == len(live)),
+                                                allow_unused=True)[0]
+                            for j, (i, v) in enumerate(zip(live, vs, strict=True)))
+            for i, v, hv in zip(live, vs, hvs, strict=True):
+                if hv is not None:
+                    sums[i] += float((hv * v).sum())
+    return [s / iters for s in sums]
+
+
+@dataclass
+class LayerTraces:
+    """Hessian traces per layer: w.r.t. the weight and w.r.t. the input activation (batch)."""
+
+    weight: dict[str, float]
+    act: dict[str, float]
+    weight_numel: dict[str, int]
+    act_numel: dict[str, int]  # elements of one image's input activation
+    batches: int = 0
+    iters: int = 0
+    seed: int = 0
+    images: int = 0
+    hvps: int = 0  # Hessian-vector products computed
+    seconds: float = 0.0
+    key: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> LayerTraces:
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+def _as_xy(batch: Any) -> tuple[Tensor, Tensor]:
+    if isinstance(batch, tuple | list) and len(batch) >= 2:
+        return batch[0], batch[1]
+    raise ConfigError("HAWQ needs labelled batches (inputs, targets): pass the proxy loader's "
+                      "batches")
+
+
+def layer_traces(model: nn.Module, batches: Iterable[Any], layers: Sequence[str] | None = None,
+                 *, loss_fn: LossFn = F.cross_entropy, iters: int = 16, seed: int = 0,
+                 activations: bool = True, joint: bool = False,
+                 device: torch.device | str | None = None) -> LayerTraces:
+    """Per-layer Hutchinson traces of the loss Hessian, averaged over ``batches``.
+
+    ``layers``: names of quantizable layers (default: all). The model must be full precision
+    (quantizers are not twice differentiable); it runs in eval mode, its mode and parameters'
+    ``requires_grad`` are restored. Batch ``k`` uses the seed ``seed + k``.
+    """
+    mods = quantizable_layers(model)
+    if any(isinstance(m, QuantMixin) for m in mods.values()):
+        raise ConfigError("HAWQ measures the full-precision model: pass the float model (e.g. "
+                          "mpqkit.quant.dequantize_model(model))")
+    names = list(layers) if layers is not None else list(mods)
+    unknown = [n for n in names if n not in mods]
+    if unknown:
+        raise ConfigError(f"layers {', '.join(unknown[:8])} are not quantizable layers of the "
+                          "model: use the names from `mpqkit info`")
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    weights = [mods[n].weight for n in names]
+    was_training = model.training
+    req = [p.requires_grad for p in weights]
+    captured: dict[str, Tensor] = {}
+
+    def pre_hook(name: str):  # type: ignore[no-untyped-def]
+        def fn(mod: nn.Module, inp: tuple[Tensor, ...]):  # type: ignore[no-untyped-def]
+            x = inp[0].clone()
+            if not x.requires_grad:
+                x.requires_grad_(True)
+            captured[name] = x
+            return (x, *inp[1:])
+
+        return fn
+
+    hooks = [mods[n].register_forward_pre_hook(pre_hook(n)) for n in names] if activations else []
+    w_sum = dict.fromkeys(names, 0.0)
+    a_sum = dict.fromkeys(names, 0.0)
+    a_numel: dict[str, int] = {}
+    nb = images = hvps = 0
+    t0 = time.time()
+    model.eval()
+    for p in weights:
+        p.requires_grad_(True)
+    try:
+        for k, batch in enumerate(batches):
+            x, y = _as_xy(batch)
+            x, y = x.to(dev), y.to(dev)
+            captured.clear()
+
+            ran: list[str] = []  # layers whose input was seen (a layer may not run)
+
+            def closure(x: Tensor = x, y: Tensor = y,
+                        ran: list[str] = ran) -> tuple[Tensor, list[Tensor]]:
+                loss = loss_fn(model(x), y)
+                ran[:] = [n for n in names if n in captured] if activations else []
+                return loss, [*weights, *(captured[n] for n in ran)]
+
+            tr = hutchinson_trace(closure, iters, seed + k, joint)
+            hvps += iters * (1 if joint else len(names) + len(ran))
+            for i, n in enumerate(names):
+                w_sum[n] += tr[i]
+            for i, n in enumerate(ran):
+                a_sum[n] += tr[len(names) + i]
+                a_numel[n] = int(captured[n][0].numel())
+            nb += 1
+            images += int(x.shape[0])
+    finally:
+        for h in hooks:
+            h.remove()
+        for p, r in zip(weights, req, strict=True):
+            p.requires_grad_(r)
+        model.train(was_training)
+        captured.clear()
+    if nb == 0:
+        raise ConfigError("HAWQ got no batches: give at least one proxy batch")
+    return LayerTraces(
+        weight={n: w_sum[n] / nb for n in names}, act={n: a_sum[n] / nb for n in names},
+        weight_numel={n: int(mods[n].weight.numel()) for n in names},
+        act_numel={n: a_numel.get(n, 0) for n in names}, batches=nb, iters=iters, seed=seed,
+        images=images, hvps=hvps, seconds=round(time.time() - t0, 3))
+
+
+# ----------------------------------------------------------------------------------------------
+# sensitivities and the integer program
+# ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def weight_perturbation(weight: Tensor, bits: int, per_channel: bool = False) -> float:
+    """``||Q_b(W) - W||^2`` for the MSE-optimal symmetric ``bits``-bit quantizer."""
+    q = make_weight_quantizer("lsq", bits, weight.shape[0], per_channel).to(weight.device)
+    q.init_from(weight)
+    return float((q(weight.detach()) - weight).pow(2).sum())
+
+
+@torch.no_grad()
+def act_perturbation(x: Tensor, bits: int) -> float:
+    """Mean over images of ``||Q_b(x_i) - x_i||^2`` for the MSE-optimal ``bits``-bit quantizer."""
+    q = make_act_quantizer("lsq", bits).to(x.device)
+    q.init_from(x.flatten(1))
+    return float((q(x) - x).pow(2).sum()) / max(1, x.shape[0])
+
+
+@torch.no_grad()
+def capture_inputs(model: nn.Module, x: Tensor, layers: Sequence[str]) -> dict[str, Tensor]:
+    """The input activation of each named layer for one batch (eval mode)."""
+    mods = quantizable_layers(model)
+    seen: dict[str, Tensor] = {}
+    hooks = [mods[n].register_forward_pre_hook(
+        lambda m, inp, n=n: seen.__setitem__(n, inp[0].detach().clone())) for n in layers]
+    was = model.training
+    model.eval()
+    try:
+        model(x.to(next(model.parameters()).device))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was)
+    return seen
+
+
+@dataclass
+class Sensitivity:
+    """``Omega_w[layer][bits]`` and ``Omega_a[layer][bits]`` (loss increase estimates)."""
+
+    weight: dict[str, dict[int, float]] = field(default_factory=dict)
+    act: dict[str, dict[int, float]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"weight": {n: {str(b): v for b, v in d.items()} for n, d in self.weight.items()},
+                "act": {n: {str(b): v for b, v in d.items()} for n, d in self.act.items()}}
+
+
+def sensitivities(model: nn.Module, traces: LayerTraces, calib_x: Tensor | None,
+                  w_cands: Sequence[int], a_cands: Sequence[int], layers: Sequence[str],
+                  per_channel: bool = False) -> Sensitivity:
+    """Omega of every candidate bit-width of every layer (see the module docstring).
+
+    Without ``calib_x`` (or without activation traces) the activation term is 0; then
+    :func:`hawq_allocate` should be called with ``tie_bits=True``.
+    """
+    mods = quantizable_layers(model)
+    acts = capture_inputs(model, calib_x, layers) if calib_x is not None else {}
+    out = Sensitivity()
+    for n in layers:
+        w = mods[n].weight.detach()
+        mw = traces.weight[n] / max(1, traces.weight_numel[n])
+        out.weight[n] = {b: mw * weight_perturbation(w, b, per_channel) for b in w_cands}
+        d = traces.act_numel.get(n, 0)
+        if n in acts and d > 0:
+            ma = traces.act[n] / d
+            out.act[n] = {b: ma * act_perturbation(acts[n], b) for b in a_cands}
+        else:
+            out.act[n] = dict.fromkeys(a_cands, 0.0)
+    return out
+
+
+def solve_allocation(scores: Mapping[str, Mapping[tuple[int, int], float]],
+                     costs: Mapping[str, Mapping[tuple[int, int], float]],
+                     lo: float, hi: float) -> dict[str, tuple[int, int]] | None:
+    """One ``(w, a)`` per layer minimising the summed score with ``lo <= summed cost <= hi``.
+
+    ``scores[layer][(w, a)]`` and ``costs[layer][(w, a)]`` over the same choices. Exact
+    (``scipy.optimize.milp``); None when the band cannot be met.
+    """
+    names = list(scores)
+    choices = {n: list(scores[n]) for n in names}
+    pick = solve_choices([[costs[n][c] for c in choices[n]] for n in names],
+                         [[scores[n][c] for c in choices[n]] for n in names], lo, hi)
+    if pick is None:
+        return None
+    return {n: choices[n][k] for n, k in zip(names, pick, strict=True)}
+
+
+def hawq_allocate(sens: Sensitivity, infos: Mapping[str, LayerInfo], budget: Budget,
+                  searchable: Sequence[str], fixed_bits: Mapping[str, tuple[int, int]],
+                  w_cands: Sequence[int], a_cands: Sequence[int],
+                  tol: float = DEFAULT_TOL, tie_bits: bool = False) -> dict[str, tuple[int, int]]:
+    """The ILP policy (all layers, fixed ones at their bits) inside ``[(1-tol)B, B]``.
+
+    ``tie_bits``: only ``w_bits == a_bits`` choices (the rule when no activation sensitivity
+    was measured: activation bits follow the weight bits).
+    """
+    check_feasible(budget, infos, searchable, fixed_bits, w_cands, a_cands, tol)
+    fixed_cost = sum(layer_cost(infos[n], *fixed_bits[n], budget.kind)
+                     for n in infos if n not in set(searchable))
+    choices = [(w, a) for w in sorted(set(w_cands)) for a in sorted(set(a_cands))
+               if a == w or not tie_bits]
+    if not choices:
+        raise ConfigError("without activation sensitivities the weight and activation bits are "
+                          "tied, but the candidate sets share no bit-width: give common "
+                          "candidates or measure activations")
+    scores = {n: {(w, a): sens.weight[n][w] + sens.act[n][a] for w, a in choices}
+              for n in searchable}
+    costs = {n: {(w, a): layer_cost(infos[n], w, a, budget.kind) for w, a in choices}
+             for n in searchable}
+    pick = solve_allocation(scores, costs, (1 - tol) * budget.value - fixed_cost,
+                            budget.value - fixed_cost)
+    if pick is None:
+        raise BudgetError(f"the HAWQ integer program found no policy within {tol:.0%} under "
+                          f"{budget.describe()}: choose another budget or more bit candidates")
+    bits = {n: (tuple(fixed_bits[n]) if n not in pick else pick[n]) for n in infos}
+    cost = policy_cost(infos, bits, budget.kind)  # type: ignore[arg-type]
+    if not (1 - tol) * budget.value <= cost <= budget.value:
+        raise BudgetError(f"the HAWQ policy costs {budget.format(cost)}, outside the band under "
+                          f"{budget.describe()}: report this with the model and budget")
+    return bits  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------------------------
+# the whole method
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class HawqResult:
+    """What :func:`hawq_search` found, with the numbers for the policy's provenance."""
+
+    bits: dict[str, tuple[int, int]]
+    traces: LayerTraces
+    sensitivity: Sensitivity
+    cached: bool
+    seconds: float
+    images: int
+    hvps: int
+
+    def provenance(self) -> dict[str, Any]:
+        return {"hawq_trace_batches": self.traces.batches,
+                "hawq_trace_iters": self.traces.iters, "hawq_traces_cached": self.cached,
+                "images_processed": self.images, "hessian_vector_products": self.hvps,
+                # forward/backward-equivalent passes: per batch a forward and a backward with
+                # graph, two per Hessian-vector product; plus the calibration forward
+                "passes": (0 if self.cached else
+                           2 * self.traces.batches + 2 * self.traces.hvps) + 1,
+                "wall_time_s": round(self.seconds, 3)}
+
+
+def _cache_key(model: nn.Module, layers: Sequence[str], batches: list[Any], iters: int,
+               seed: int, extra: str) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps([list(layers), iters, seed, extra]).encode())
+    with torch.no_grad():
+        for n in layers:
+            w = quantizable_layers(model)[n].weight.detach().float().cpu()
+            h.update(f"{n}:{float(w.sum()):.6e}:{float(w.abs().sum()):.6e}".encode())
+        for b in batches:
+            x, y = _as_xy(b)
+            h.update(f"{tuple(x.shape)}:{float(x.float().sum()):.6e}:{int(y.sum())}".encode())
+    return h.hexdigest()[:16]
+
+
+def hawq_search(model: nn.Module, batches: Iterable[Any], budget: Budget,
+                infos: Mapping[str, LayerInfo], searchable: Sequence[str],
+                fixed_bits: Mapping[str, tuple[int, int]], w_cands: Sequence[int],
+                a_cands: Sequence[int], *, iters: int = 16, seed: int = 0,
+                tol: float = DEFAULT_TOL, per_channel: bool = False,
+                activations: bool = True, joint: bool = False,
+                run_dir: str | Path | None = None,
+                loss_fn: LossFn = F.cross_entropy, cache_extra: str = "") -> HawqResult:
+    """Hessian traces (cached in ``run_dir``), sensitivities and the ILP, on the FP ``model``.
+
+    ``batches``: a few labelled proxy batches (the first is also the activation calibration
+    batch). Returns the bits of every layer (fixed ones at ``fixed_bits``) and what was measured.
+    """
+    t0 = time.time()
+    check_feasible(budget, infos, searchable, fixed_bits, w_cands, a_cands, tol)
+    batches = list(batches)
+    if not batches:
+        raise ConfigError("HAWQ got no batches: give at least one proxy batch")
+    layers = list(searchable)
+    key = _cache_key(model, layers, batches, iters, seed, f"{activations}:{joint}:{cache_extra}")
+    cache = Path(run_dir) / CACHE_FILE if run_dir is not None else None
+    traces: LayerTraces | None = None
+    if cache is not None and cache.is_file():
+        try:
+            stored = LayerTraces.from_dict(json.loads(cache.read_text()))
+            traces = stored if stored.key == key else None
+        except (ValueError, TypeError, KeyError):
+            traces = None
+    cached = traces is not None
+    if traces is None:
+        traces = layer_traces(model, batches, layers, loss_fn=loss_fn, iters=iters, seed=seed,
+                              activations=activations, joint=joint)
+        traces.key = key
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(".tmp")
+            tmp.write_text(json.dumps(traces.to_dict(), indent=1))
+            tmp.replace(cache)
+    calib_x = _as_xy(batches[0])[0] if activations else None
+    sens = sensitivities(model, traces, calib_x, sorted(set(w_cands)), sorted(set(a_cands)),
+                         layers, per_channel)
+    bits = hawq_allocate(sens, infos, budget, searchable, fixed_bits, w_cands, a_cands, tol,
+                         tie_bits=not activations)
+    images = (0 if cached else traces.images) + int(_as_xy(batches[0])[0].shape[0])
+    hvps = 0 if cached else traces.hvps
+    return HawqResult(bits, traces, sens, cached, time.time() - t0, images, hvps)
+
+
+# ----------------------------------------------------------------------------------------------
+# the search-loop method
+# ----------------------------------------------------------------------------------------------
+def _fp_model(ctx: SearchContext) -> tuple[nn.Module, dict[str, Any]]:
+    """The FP model HAWQ measures: the context's (weights loaded), a teacher, or trained here.
+
+    With random initial weights, ``cfg.teacher`` (an FP checkpoint trained on the proxy set) is
+    used if given, else the model is trained on the proxy set for ``options["fp_epochs"]``
+    (default ``cfg.teacher_epochs``) epochs into ``RUN_DIR/fp`` (reused when already there).
+    """
+    from mpqkit.engine import OptimConfig, RunConfig, load_checkpoint_model, train
+    from mpqkit.engine.trainer import setup_logging
+
+    cfg = ctx.cfg
+    if ctx.weights_init != "random":
+        return ctx.model, {"hawq_fp_model": ctx.weights_init}
+    if cfg.teacher:
+        model, meta = load_checkpoint_model(cfg.teacher)
+        if meta.get("policy") or int(meta["num_classes"]) != ctx.num_classes:
+            raise ConfigError(f"HAWQ needs a full-precision model for {ctx.num_classes} classes; "
+                              f"{cfg.teacher} is not one: pass --weights or another --teacher")
+        return model.to(ctx.device), {"hawq_fp_model": f"checkpoint:{cfg.teacher}"}
+    fdir = ctx.run_dir / "fp"
+    best = fdir / "best.safetensors"
+    epochs = int(cfg.options.get("fp_epochs", cfg.teacher_epochs))
+    record: dict[str, Any] = {"hawq_fp_model": f"trained:{best}", "hawq_fp_epochs": epochs}
+    if not best.is_file():
+        rc = RunConfig(model=cfg.model, num_classes=ctx.num_classes, epochs=epochs,
+                       max_steps_per_epoch=cfg.max_steps_per_epoch, seed=cfg.seed,
+                       device=cfg.device, out=str(fdir), overwrite=True, save_every_min=0.0,
+                       data=copy.deepcopy(cfg.data),
+                       optim=OptimConfig(lr=0.1, momentum=0.9, weight_decay=5e-4,
+                                         schedule="cosine"))
+        res = train(rc)
+        setup_logging(ctx.run_dir, True)  # train() pointed the log at its own folder
+        record.update(hawq_fp_top1=res.best_acc, hawq_fp_train_seconds=round(res.seconds, 3))
+    model, _ = load_checkpoint_model(best)
+    return model.to(ctx.device), record
+
+
+def hawq_method(ctx: SearchContext) -> MethodResult:
+    """HAWQ: Hessian-trace sensitivities and an integer linear program (no supernet).
+
+    Options (``cfg.options``): ``hawq_batch_size`` (default: the data batch size),
+    ``hawq_activations`` (default true), ``hawq_joint`` (default false), ``fp_epochs``.
+    """
+    cfg = ctx.cfg
+    opts = cfg.options
+    model, record = _fp_model(ctx)
+    batches = ctx.batches(cfg.hawq_batches, opts.get("hawq_batch_size"))
+    res = hawq_search(model, batches, ctx.budget, ctx.infos, ctx.searchable, ctx.fixed_bits,
+                      ctx.w_candidates, ctx.a_candidates, iters=cfg.hawq_iters, seed=cfg.seed,
+                      tol=cfg.tol, per_channel=cfg.quant.per_channel,
+                      activations=bool(opts.get("hawq_activations", True)),
+                      joint=bool(opts.get("hawq_joint", False)), run_dir=ctx.run_dir,
+                      cache_extra=record["hawq_fp_model"])
+    (ctx.run_dir / "hawq_sensitivity.json").write_text(json.dumps(
+        {"traces": res.traces.to_dict(), "omega": res.sensitivity.to_dict()}, indent=1) + "\n")
+    return MethodResult(res.bits, {**record, **res.provenance()})
+
+
+register_method("hawq", hawq_method, description="HAWQ-V3 style: Hessian trace x quantization "
+                "perturbation, integer linear program under the budget (no supernet)")

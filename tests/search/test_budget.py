@@ -1,0 +1,135 @@
+"""Budgets: parsing, feasibility messages, and repair into [0.98, 1] x budget."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from mpqkit.complexity import LayerInfo, profile_model
+from mpqkit.errors import BudgetError, ConfigError
+from mpqkit.models import build_model
+from mpqkit.policy import first_last_layers
+from mpqkit.search.budget import (
+    Budget,
+    _greedy,
+    achievable_range,
+    check_feasible,
+    parse_budget,
+    policy_cost,
+    repair,
+    solve_choices,
+)
+
+C = (2, 3, 4, 6)
+
+
+@pytest.fixture(scope="module", params=["resnet20", "resnet18_cifar"])
+def setup(request):
+    infos = profile_model(build_model(request.param), 32)
+    fixed = {n: (8, 8) for n in first_last_layers(infos)}
+    searchable = [n for n in infos if n not in fixed]
+    return request.param, infos, fixed, searchable
+
+
+def _budgets(infos, fixed, searchable):
+    out = [parse_budget(uniform=f"w{b}a{b}", infos=infos, fixed_bits=fixed,
+                        searchable=searchable) for b in (2, 3, 4, 5, 6)]
+    out.append(parse_budget(bitops="w3a4", infos=infos, fixed_bits=fixed, searchable=searchable))
+    mn, mx = achievable_range(infos, searchable, fixed, C, C, "bitops")
+    for f in (0.013, 0.37, 0.71):  # odd absolute values
+        out.append(parse_budget(bitops=f"{mn + f * (mx - mn):.6e}", infos=infos,
+                                fixed_bits=fixed, searchable=searchable))
+    smn, smx = achievable_range(infos, searchable, fixed, C, C, "size_mb")
+    for f in (0.05, 0.5, 0.93):
+        out.append(parse_budget(size_mb=smn + f * (smx - smn), infos=infos, fixed_bits=fixed,
+                                searchable=searchable))
+    return out
+
+
+def _starts(infos, fixed, searchable):
+    yield {n: (8, 8) for n in infos}  # extreme high, outside the candidates
+    yield {**{n: (2, 2) for n in searchable}, **fixed}
+    yield {**{n: (32, 32) for n in searchable}, **fixed}
+    for seed in range(3):
+        rng = random.Random(seed)
+        yield {**{n: (rng.choice(C), rng.choice(C)) for n in searchable}, **fixed}
+
+
+def test_repair_lands_in_band(setup):
+    _, infos, fixed, searchable = setup
+    for budget in _budgets(infos, fixed, searchable):
+        check_feasible(budget, infos, searchable, fixed, C, C)
+        for i, start in enumerate(_starts(infos, fixed, searchable)):
+            order = list(reversed(searchable)) if i % 2 else None
+            out = repair(start, infos, budget, C, C, searchable, order=order)
+            cost = policy_cost(infos, out, budget.kind)
+            assert 0.98 * budget.value <= cost <= budget.value, (budget, i, cost / budget.value)
+            assert all(out[n] == fixed[n] for n in fixed)
+            assert all(out[n][0] in C and out[n][1] in C for n in searchable)
+            assert repair(start, infos, budget, C, C, searchable, order=order) == out
+
+
+def test_parse_budget_forms(setup):
+    _, infos, fixed, searchable = setup
+    kw = {"infos": infos, "fixed_bits": fixed, "searchable": searchable}
+    b = parse_budget(uniform="w4a4", **kw)
+    uniform = {n: fixed.get(n, (4, 4)) for n in infos}
+    assert b.kind == "bitops" and b.value == policy_cost(infos, uniform, "bitops")
+    assert b.spec == "w4a4" and b.to_dict() == {"kind": "bitops", "value": b.value,
+                                                "spec": "w4a4"}
+    assert parse_budget(bitops="W4A4", **kw).value == b.value
+    assert parse_budget(bitops="1.5G", **kw).value == 1.5e9
+    s = parse_budget(bitops="0.5MB", **kw)
+    assert (s.kind, s.value) == ("size_mb", 0.5)
+    assert parse_budget(size_mb=0.25, **kw).value == 0.25
+    with pytest.raises(ConfigError, match="exactly one"):
+        parse_budget(bitops="1G", uniform="w4a4", **kw)
+    with pytest.raises(ConfigError, match="exactly one"):
+        parse_budget(**kw)
+    with pytest.raises(ConfigError):
+        parse_budget(bitops="-3G", **kw)
+    assert Budget.from_dict(b.to_dict()) == b
+
+
+def test_infeasible_budgets_name_the_range(setup):
+    _, infos, fixed, searchable = setup
+    mn, mx = achievable_range(infos, searchable, fixed, C, C, "bitops")
+    low = Budget("bitops", mn * 0.5, "low")
+    with pytest.raises(BudgetError, match="below the smallest achievable") as e:
+        check_feasible(low, infos, searchable, fixed, C, C)
+    assert "raise the budget to at least" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(BudgetError, match="below the smallest"):
+        repair({n: (8, 8) for n in infos}, infos, low, C, C, searchable)
+    high = Budget("bitops", mx * 1.5, "high")
+    with pytest.raises(BudgetError, match="above the largest achievable"):
+        check_feasible(high, infos, searchable, fixed, C, C)
+
+
+def _toy(macs):
+    return {f"l{i}": LayerInfo(f"l{i}", "conv", m, m, (), (), 1, 1) for i, m in enumerate(macs)}
+
+
+def test_exact_fallback_when_greedy_cannot_fill():
+    infos = _toy([55, 25, 49])
+    budget = Budget("bitops", 2143.665, "odd")
+    start = {n: (6, 6) for n in infos}
+    assert _greedy(start, infos, budget, list(C), list(C), list(infos), None, 0.02) is None
+    out = repair(start, infos, budget, C, C, list(infos))
+    assert 0.98 * budget.value <= policy_cost(infos, out, "bitops") <= budget.value
+
+
+def test_unreachable_band_is_refused_with_neighbours():
+    infos = _toy([100])
+    budget = Budget("bitops", 600, "600")
+    with pytest.raises(BudgetError, match="nearest achievable") as e:
+        check_feasible(budget, infos, ["l0"], {}, (2, 4), (2,))
+    assert "400" in str(e.value) and "800" in str(e.value)
+
+
+def test_solve_choices_minimises_within_band():
+    costs = [[1, 2, 3], [1, 2, 3]]
+    scores = [[3, 2, 0], [5, 1, 0.5]]  # totals of 4: (1,3) 3.5, (2,2) 3, (3,1) 5
+    assert solve_choices(costs, scores, 3.5, 4) == [1, 1]
+    assert solve_choices(costs, scores, 5.5, 6) == [2, 2]
+    assert solve_choices(costs, scores, 6.5, 7) is None

@@ -1,0 +1,225 @@
+"""The search methods end to end on a tiny synthetic image folder (CPU, a few steps each)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from mpqkit.data import DataConfig
+from mpqkit.engine.checkpoint import save_checkpoint
+from mpqkit.errors import BudgetError, ConfigError
+from mpqkit.models import build_model
+from mpqkit.policy import Policy
+from mpqkit.search import (
+    DualLambda,
+    MethodResult,
+    SearchConfig,
+    load_search_config,
+    policy_cost,
+    register_method,
+    search,
+)
+from mpqkit.search.methods import attribution_loss, gradcam, margin_loss
+
+METHODS = ("asga", "edmips", "gmpq", "seam")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """4 classes x 8 JPEGs of 16x16 per split, classes differing in colour."""
+    root = tmp_path_factory.mktemp("search") / "tiny"
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in range(4):
+            d = root / split / f"class{c}"
+            d.mkdir(parents=True)
+            base = np.zeros(3)
+            base[c % 3] = 200 if c < 3 else 100
+            for i in range(8):
+                img = np.clip(base + rng.normal(0, 30, (16, 16, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(d / f"{i}.jpg", quality=90)
+    return root
+
+
+@pytest.fixture(scope="module")
+def teacher_box() -> dict[str, str]:
+    return {}
+
+
+def tiny(folder: Path, out: Path, **kw) -> SearchConfig:  # type: ignore[no-untyped-def]
+    base = dict(model="resnet20", epochs=1, max_steps_per_epoch=2, out=str(out), overwrite=True,
+                progress=False, teacher_epochs=1, device="cpu",
+                data=DataConfig(name=f"imagefolder:{folder}", batch_size=16,
+                                cache_dir=str(folder.parent / "cache")))
+    base.update(kw)
+    return SearchConfig(**base)  # type: ignore[arg-type]
+
+
+def _check_band(result, kind: str) -> float:  # type: ignore[no-untyped-def]
+    pol = result.policy
+    pol.validate(build_model("resnet20"))
+    cost = policy_cost(pol.layer_infos(), pol.bits(), kind)
+    assert 0.98 * result.budget.value - 1e-9 <= cost <= result.budget.value + 1e-9
+    assert result.budget.kind == kind
+    return cost
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_methods_land_in_the_budget_band(method, folder, tmp_path, teacher_box):
+    # bitops budget (same BitOps as uniform w3a3)
+    kw = {"teacher": teacher_box.get("path")} if method == "gmpq" else {}
+    res = search(tiny(folder, tmp_path / "bitops", method=method, budget="w3a3", **kw))
+    _check_band(res, "bitops")
+    run = res.run_dir
+    for name in ("config.yaml", "policy.json", "search.csv", "alpha.json", "log.txt",
+                 "last.safetensors", "last.json"):
+        assert (run / name).is_file(), name
+    prov = Policy.load(run / "policy.json").provenance
+    assert prov["method"] == method and prov["weights_init"] == "random"
+    assert prov["budget"]["spec"] == "w3a3" and "tiny train" in prov["proxy_data"]
+    cost = prov["search_cost"]
+    passes = 2 if method == "asga" else 1
+    assert cost["steps"] == 2 and cost["forward_passes"] == 2 * passes
+    assert cost["images_processed"] == 32 * passes and prov["wall_time_s"] > 0
+    rows = list(csv.DictReader((run / "search.csv").open()))
+    assert len(rows) == 1 and float(rows[0]["lambda"]) > 0  # C > B at uniform logits
+    if method == "asga":
+        assert rows[0]["rho"] and rows[0]["h"] and rows[0]["cos"]
+        assert prov["optimizer"]["sharpness"] == "ASGA"
+    if method == "gmpq":
+        assert cost["teacher_forward_passes"] == 2 and cost["double_backward_passes"] == 2
+        if "path" not in teacher_box:  # first run trained the teacher; the second reuses it
+            assert prov["gmpq"]["teacher"].startswith("trained:")
+            teacher_box["path"] = str(run / "teacher" / "best.safetensors")
+    if method == "seam":
+        assert rows[0]["extra_loss"]
+    # size budget
+    kw = {"teacher": teacher_box.get("path")} if method == "gmpq" else {}
+    res = search(tiny(folder, tmp_path / "size", method=method, budget_size_mb=0.08, **kw))
+    _check_band(res, "size_mb")
+    if method == "gmpq":
+        assert res.policy.provenance["gmpq"]["teacher"].startswith("checkpoint:")
+
+
+def test_infeasible_budget_is_refused_up_front(folder, tmp_path):
+    with pytest.raises(BudgetError, match="achievable"):
+        search(tiny(folder, tmp_path / "low", method="edmips", budget_bitops="1K"))
+    with pytest.raises(BudgetError, match="achievable"):
+        search(tiny(folder, tmp_path / "high", method="edmips", budget="w8a8"))
+    assert not (tmp_path / "low" / "last.safetensors").exists()
+    with pytest.raises(ConfigError, match="exactly one budget"):
+        search(tiny(folder, tmp_path / "none", method="edmips"))
+
+
+def test_dual_lambda_rises_above_budget_and_stays_nonnegative():
+    dual = DualLambda(0.1)
+    seq = [dual.update(1.5, 1.0) for _ in range(3)]
+    assert seq[0] > 0 and seq[0] < seq[1] < seq[2]
+    assert dual.update(0.0, 1.0) < seq[2]
+    for _ in range(10):
+        dual.update(0.5, 1.0)
+    assert dual.value == 0.0
+
+
+def test_resume_continues_from_the_last_finished_epoch(folder, tmp_path):
+    first = search(tiny(folder, tmp_path / "r", method="asga", budget="w3a3", epochs=1))
+    assert len(first.history) == 1
+    resumed = search(tiny(folder, tmp_path / "r", method="asga", budget="w3a3", epochs=2,
+                          resume=True, overwrite=False))
+    rows = list(csv.DictReader((tmp_path / "r" / "search.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2] and [int(r["steps"]) for r in rows] == [2, 4]
+    assert float(rows[0]["loss"]) == pytest.approx(first.history[0]["loss"])
+    alpha = json.loads((tmp_path / "r" / "alpha.json").read_text())
+    assert [e["epoch"] for e in alpha["epochs"]] == [1, 2]
+    assert json.loads((tmp_path / "r" / "last.json").read_text())["epoch"] == 2
+    assert resumed.policy.provenance["search_cost"]["steps"] == 4
+    # the resumed search ends where an uninterrupted one does
+    straight = search(tiny(folder, tmp_path / "s", method="asga", budget="w3a3", epochs=2))
+    assert resumed.argmax_bits == straight.argmax_bits
+    a1 = json.loads((tmp_path / "s" / "alpha.json").read_text())["epochs"][-1]["layers"]
+    assert a1 == alpha["epochs"][-1]["layers"]
+    with pytest.raises(ConfigError, match="already holds a run"):
+        search(tiny(folder, tmp_path / "s", method="asga", budget="w3a3", overwrite=False))
+
+
+def test_bilevel_asga_and_fp_first_last(folder, tmp_path):
+    res = search(tiny(folder, tmp_path / "bi", method="asga", budget="w4a4", bilevel=True,
+                      first_last="fp"))
+    _check_band(res, "bitops")
+    prov = res.policy.provenance
+    assert prov["level"].startswith("bi-level") and "val 16" in prov["proxy_data"]
+    assert res.policy.layers["conv1"].w_bits == 32 and res.policy.first_last == "fp"
+    assert prov["search_cost"]["forward_passes"] == 2 + 1  # 1 step: ASGA weights + logits
+
+
+def test_registered_policy_method_gets_context_and_is_repaired(folder, tmp_path):
+    seen = {}
+
+    def all_max(ctx):  # type: ignore[no-untyped-def]
+        seen["ctx"] = ctx
+        bits = {n: ctx.fixed_bits.get(n, (6, 6)) for n in ctx.infos}
+        return MethodResult(bits, {"note": "max bits", "passes": 0})
+
+    register_method("test-max", all_max, description="test")
+    fp = build_model("resnet20", num_classes=4)
+    save_checkpoint(tmp_path / "fp", fp, {"model": "resnet20", "num_classes": 4})
+    res = search(tiny(folder, tmp_path / "m", method="test-max", budget="w3a3",
+                      weights=str(tmp_path / "fp.safetensors")))
+    _check_band(res, "bitops")
+    prov = res.policy.provenance
+    assert prov["note"] == "max bits" and res.repaired_layers
+    assert prov["weights_init"].startswith("fp:") and prov["repair"]["changed_layers"]
+    ctx = seen["ctx"]
+    assert len(ctx.searchable) == 18 and ctx.budget.spec == "w3a3"
+    assert torch.equal(ctx.model.conv1.weight, fp.conv1.weight)
+    assert len(ctx.batches(1)[0][0]) == 16
+    with pytest.raises(ConfigError, match="unknown search method"):
+        search(tiny(folder, tmp_path / "u", method="nope", budget="w3a3"))
+
+
+def test_config_yaml_and_cli(folder, tmp_path):
+    from mpqkit.cli import main
+
+    conf = tmp_path / "s.yaml"
+    conf.write_text(yaml.safe_dump({"method": "edmips", "w_bits": [2, 4], "budget": "w3a3",
+                                    "data": {"batch_size": 16}}))
+    cfg = load_search_config(conf, {"epochs": 3, "a_bits": "4,2"})
+    assert cfg.w_bits == [2, 4] and cfg.a_bits == [2, 4] and cfg.epochs == 3
+    assert cfg.data.batch_size == 16
+    with pytest.raises(ConfigError, match="unknown option"):
+        load_search_config(None, {"lr": 0.1})
+    out = tmp_path / "cli"
+    common = ["--out", str(out), "--no-progress", "--device", "cpu"]
+    argv = ["search", "--config", str(conf), "--data", f"imagefolder:{folder}", "--cache-dir",
+            str(folder.parent / "cache"), "--epochs", "1", "--max-steps-per-epoch", "1", *common]
+    assert main(argv) == 0
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["method"] == "edmips" and saved["w_bits"] == [2, 4]
+    assert main(argv) == 2  # refuses to overwrite a run
+    assert main(["search", "--resume", "--epochs", "2", *common]) == 0
+    assert len(list(csv.DictReader((out / "search.csv").open()))) == 2
+
+
+def test_loss_terms():
+    torch.manual_seed(0)
+    feat = torch.randn(6, 8, 4, 4, requires_grad=True)
+    logits = feat.mean((2, 3)) @ torch.randn(8, 3)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    cam = gradcam(feat, logits, y, create_graph=True)
+    assert cam.shape == (6, 4, 4) and cam.requires_grad
+    assert attribution_loss(cam, cam.detach(), power=1.0).item() == pytest.approx(0.0, abs=1e-5)
+    attribution_loss(cam, torch.rand(6, 4, 4)).backward()
+    assert feat.grad is not None and feat.grad.abs().sum() > 0
+    z = torch.randn(6, 5, requires_grad=True)
+    m = margin_loss(z, y)
+    m.backward()
+    assert m.item() > 0 and z.grad is not None
+    same = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    assert float(margin_loss(same, torch.tensor([0, 0, 1, 1]))) == pytest.approx(0.0, abs=1e-6)
