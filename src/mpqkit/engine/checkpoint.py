@@ -10,7 +10,6 @@ Both are written atomically (temporary file, then rename).
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,15 +20,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mpqkit.errors import CheckpointError
+from mpqkit.runio import atomic_write
 
 FORMAT = "mpqkit.checkpoint"
 VERSION = 1
-
-
-def _atomic(path: Path, write) -> None:  # type: ignore[no-untyped-def]
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def _flatten_optimizer(state: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict]:
@@ -72,8 +66,8 @@ def save_checkpoint(path_stem: str | Path, model: nn.Module, meta: Mapping[str, 
     if extra_state:
         info["extra_state"] = dict(extra_state)
     st = stem.with_suffix(".safetensors")
-    _atomic(st, lambda p: save_file(tensors, str(p), metadata={"format": FORMAT}))
-    _atomic(stem.with_suffix(".json"),
+    atomic_write(st, lambda p: save_file(tensors, str(p), metadata={"format": FORMAT}))
+    atomic_write(stem.with_suffix(".json"),
             lambda p: p.write_text(json.dumps(info, indent=2, default=str) + "\n"))
     return st
 

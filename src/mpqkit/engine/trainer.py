@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import csv
-import datetime as _dt
 import json
 import logging
 import math
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from mpqkit import runio
 from mpqkit.complexity import profile_model
 from mpqkit.data import DataBundle, DataConfig, build_data, make_loader
 from mpqkit.engine.checkpoint import (
@@ -49,6 +49,7 @@ from mpqkit.errors import CheckpointError, ConfigError
 from mpqkit.models import build_model, bundled_weights
 from mpqkit.policy import Policy, parse_uniform
 from mpqkit.quant import QuantConfig, calibrate, quantize_model
+from mpqkit.runio import default_run_dir
 
 log = logging.getLogger("mpqkit")
 
@@ -95,25 +96,11 @@ def setup_logging(run_dir: Path | None, is_main: bool) -> None:
 
 def prepare_run_dir(cfg: RunConfig, command: str, is_main: bool) -> Path:
     """Resolve and check the run folder; refuse to overwrite a run without ``overwrite``."""
-    if cfg.out:
-        run_dir = Path(cfg.out)
-    else:
-        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        run_dir = Path("runs") / command / f"{cfg.model}-{cfg.data.name.replace(':', '_')}-{stamp}"
-    has_run = (run_dir / "config.yaml").is_file()
-    if cfg.resume:
-        if not (run_dir / "last.safetensors").is_file():
-            raise ConfigError(f"nothing to resume in {run_dir}: it holds no last.safetensors; "
-                              "drop --resume to start a new run")
-    elif has_run and not cfg.overwrite:
-        raise ConfigError(f"run folder {run_dir} already holds a run: pass --resume to continue "
-                          "it, --overwrite to replace it, or choose another --out")
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if cfg.overwrite and not cfg.resume:
-            for name in ("metrics.csv", "log.txt", "last.safetensors", "last.json",
-                         "best.safetensors", "best.json", "policy.json"):
-                (run_dir / name).unlink(missing_ok=True)
+    run_dir = Path(cfg.out) if cfg.out else default_run_dir(command, cfg.model, cfg.data.name)
+    runio.prepare_run_dir(run_dir, resume=cfg.resume, overwrite=cfg.overwrite,
+                          resume_file="last.safetensors", create=is_main,
+                          artifacts=("metrics.csv", "log.txt", "last.safetensors", "last.json",
+                                     "best.safetensors", "best.json", "policy.json"))
     barrier()
     return run_dir
 

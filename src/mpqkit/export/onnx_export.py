@@ -73,6 +73,7 @@ from mpqkit.export import DEFAULT_OPSET, INT_TYPES, ExportError
 from mpqkit.export.packed import check_calibrated, pack_bits, weight_integers
 from mpqkit.quant.layers import QuantMixin
 from mpqkit.quant.quantizers import FULL_PRECISION, Quantizer
+from mpqkit.runio import atomic_write
 
 MIN_OPSET = 13
 INPUT_NAME = "input"
@@ -905,11 +906,7 @@ def export_onnx(model: nn.Module, path: str | Path, *, input_size: int | Sequenc
     except onnx.checker.ValidationError as exc:
         raise ExportError(f"the exported graph fails onnx.checker ({str(exc).splitlines()[0]}): "
                           "this is an mpqkit bug; please report it with the model") from None
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    onnx.save_model(proto, str(tmp))
-    tmp.replace(path)
+    path = atomic_write(path, lambda p: onnx.save_model(proto, str(p)))
     return {"path": str(path), "format": "onnx", "opset": opset, "fp": fp,
             "int_types": int_types, "bytes": path.stat().st_size, "layers": conv.layers}
 

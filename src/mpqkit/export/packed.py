@@ -53,6 +53,7 @@ from mpqkit.quant.quantizers import (
     MaxAbsQuantizer,
     Quantizer,
 )
+from mpqkit.runio import atomic_write
 
 MAGIC = b"MPQKPACK"
 VERSION = 1
@@ -257,14 +258,8 @@ def save_packed(model: nn.Module, path: str | Path, meta: Mapping[str, Any]) -> 
         "crc32": zlib.crc32(data),
     }
     hbytes = zlib.compress(json.dumps(header, separators=(",", ":")).encode(), 9)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as f:
-        f.write(_PREFIX.pack(MAGIC, VERSION, len(hbytes)))
-        f.write(hbytes)
-        f.write(data)
-    tmp.replace(path)
+    path = atomic_write(path, lambda p: p.write_bytes(
+        _PREFIX.pack(MAGIC, VERSION, len(hbytes)) + hbytes + data))
     return packed_report(path)
 
 

@@ -23,13 +23,11 @@ continues a killed search from there).
 from __future__ import annotations
 
 import csv
-import datetime as _dt
 import importlib
 import json
 import logging
 import math
 import os
-import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -59,6 +57,7 @@ from mpqkit.optim import ASGA
 from mpqkit.optim.bn import frozen_bn_stats
 from mpqkit.policy import FIRST_LAST_MODES, Policy, first_last_bits, first_last_layers
 from mpqkit.quant.layers import QuantConfig
+from mpqkit.runio import atomic_write_text, default_run_dir, prepare_run_dir
 from mpqkit.search.budget import Budget, check_feasible, parse_budget, policy_cost, repair
 from mpqkit.search.supernet import Supernet, build_supernet, parse_candidates
 
@@ -397,34 +396,12 @@ def lr_factor(schedule: str, step: int, steps_per_epoch: int, epochs: int, step_
 
 
 def _prepare_run_dir(cfg: SearchConfig) -> Path:
-    if cfg.out:
-        run_dir = Path(cfg.out)
-    else:
-        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        run_dir = (Path("runs") / "search" /
-                   f"{cfg.method}-{cfg.model}-{cfg.data.name.replace(':', '_').replace('/', '_')}"
-                   f"-{stamp}")
-    has_run = (run_dir / "config.yaml").is_file()
-    if cfg.resume:
-        if not (run_dir / "config.yaml").is_file():
-            raise ConfigError(f"nothing to resume in {run_dir}: it holds no config.yaml; drop "
-                              "--resume to start a new search")
-    elif has_run and not cfg.overwrite:
-        raise ConfigError(f"run folder {run_dir} already holds a run: pass --resume to continue "
-                          "it, --overwrite to replace it, or choose another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.overwrite and not cfg.resume:
-        for name in ("search.csv", "alpha.json", "log.txt", "last.safetensors", "last.json",
-                     "policy.json", "config.yaml"):
-            (run_dir / name).unlink(missing_ok=True)
-        shutil.rmtree(run_dir / "teacher", ignore_errors=True)
-    return run_dir
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    run_dir = Path(cfg.out) if cfg.out else default_run_dir("search", cfg.method, cfg.model,
+                                                             cfg.data.name)
+    return prepare_run_dir(run_dir, resume=cfg.resume, overwrite=cfg.overwrite,
+                           resume_file="config.yaml", subdirs=("teacher",),
+                           artifacts=("search.csv", "alpha.json", "log.txt", "last.safetensors",
+                                      "last.json", "policy.json", "config.yaml"))
 
 
 def _append_csv(path: Path, row: Mapping[str, Any]) -> None:
@@ -858,7 +835,7 @@ def _run_supernet(ctx: SearchContext, method: SupernetMethod) -> SearchResult:
         history.append(row)
         alpha_log.append({"epoch": epoch + 1, "layers": sn.alpha_probs()})
         _append_csv(run_dir / "search.csv", row)
-        _atomic_write(run_dir / "alpha.json", json.dumps(
+        atomic_write_text(run_dir / "alpha.json", json.dumps(
             {"w_candidates": list(ctx.w_candidates), "a_candidates": list(ctx.a_candidates),
              "epochs": alpha_log}, indent=1) + "\n")
         save_checkpoint(run_dir / "last", sn,
