@@ -59,6 +59,8 @@ def add_search_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--warmup-epochs", dest="warmup_epochs", type=float)
     s.add_argument("--lambda-lr", dest="lambda_lr", type=float,
                    help="dual-ascent step of the budget multiplier lambda (default 0.5)")
+    s.add_argument("--lambda-on", dest="lambda_on", choices=["argmax", "expected"],
+                   help="cost that drives lambda: of the argmax policy (default) or expected")
     s.add_argument("--calib-batches", dest="calib_batches", type=int, metavar="N")
     s.add_argument("--bilevel", dest="bilevel", action=argparse.BooleanOptionalAction,
                    default=None, help="logits on a held-out part of the proxy set")

@@ -117,6 +117,13 @@ class SearchConfig:
     # met the budget within ~70 steps and then overshot.
     lambda_lr: float = 0.5
     lambda_init: float = 0.0
+    # what C in the dual update is: "argmax" (default), the cost of the policy the search would
+    # return now, or "expected", the differentiable expected cost. Driving lambda by the expected
+    # cost pushes every layer's argmax to the cheapest bits long before the expectation reaches
+    # the budget (the logits stay nearly uniform in short searches), so the final repair, not
+    # the search, would choose the bits. The penalty's gradient acts on the expected cost either
+    # way.
+    lambda_on: str = "argmax"
     # asga
     rho0: float = 0.05
     rho_max: float = 0.1
@@ -160,6 +167,8 @@ class SearchConfig:
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"schedule={self.schedule!r} is unknown: use one of "
                               f"{', '.join(SCHEDULES)}")
+        if self.lambda_on not in ("argmax", "expected"):
+            raise ConfigError(f"lambda_on={self.lambda_on!r} is unknown: use argmax or expected")
         for name in ("epochs", "step_size", "calib_batches", "teacher_epochs", "hawq_batches",
                      "hawq_iters"):
             if getattr(self, name) < 1:
@@ -736,7 +745,11 @@ class SupernetSearch:
                     p.requires_grad_(True)
             assert yv is not None
             cost = self._arch_step(xv, yv)
-        self.dual.update(cost, self.budget_value)
+        if self.ctx.cfg.lambda_on == "argmax":
+            control = policy_cost(self.ctx.infos, self.supernet.argmax_bits(), self.kind)
+        else:
+            control = cost
+        self.dual.update(control, self.budget_value)
         self.counters.steps += 1
         return loss, logits, extras, cost
 
@@ -782,7 +795,8 @@ def _run_supernet(ctx: SearchContext, method: SupernetMethod) -> SearchResult:
                           "--val-fraction (e.g. 0.5) or data.val_split")
     log.info(f"{method.name}: {cfg.epochs} epoch(s) x {steps_per_epoch} steps, batch {bs}, "
              f"{'bi-level' if cfg.bilevel else 'single-level'}, optimizer "
-             f"{'ASGA(SGD)' if run.asga else 'SGD'}; lambda by dual ascent (eta {cfg.lambda_lr})")
+             f"{'ASGA(SGD)' if run.asga else 'SGD'}; lambda by dual ascent on the "
+             f"{cfg.lambda_on} cost (eta {cfg.lambda_lr})")
 
     t_resume = time.time()
     seconds_before = run.counters.seconds
@@ -866,7 +880,7 @@ def _run_supernet(ctx: SearchContext, method: SupernetMethod) -> SearchResult:
         "search_cost": {**counters.to_dict(), **method.counters(),
                         "seconds": round(counters.seconds, 3)},
         "optimizer": _optimizer_record(cfg, run.asga is not None),
-        "dual": {"eta": cfg.lambda_lr, "lambda_final": run.dual.value},
+        "dual": {"eta": cfg.lambda_lr, "on": cfg.lambda_on, "lambda_final": run.dual.value},
         "decidedness_mean": (sum(decided.values()) / len(decided)) if decided else 1.0,
         "argmax_bits": {n: list(b) for n, b in argmax.items()},
         "repair": {"changed_layers": changed,
