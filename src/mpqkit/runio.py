@@ -11,15 +11,26 @@ from pathlib import Path
 from mpqkit.errors import ConfigError
 
 
+def _file_mode() -> int:
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_MODE = _file_mode()
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place.
 
     A reader never sees a half-written file, and a killed writer leaves the old file intact.
+    The file gets the usual permissions (0666 less the umask), whatever the writer chose.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
+    os.chmod(tmp, _MODE)
     os.replace(tmp, path)
     return path
 

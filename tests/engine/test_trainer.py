@@ -70,3 +70,16 @@ def test_resume_of_a_finished_run_changes_nothing(tiny_folder, tmp_path):
     after, _ = read_checkpoint(b.run_dir / "last.safetensors")
     assert b.final_acc == pytest.approx(a.final_acc)
     assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith("rng/"))
+
+
+def test_checkpoint_files_follow_the_umask_not_0600(tmp_path):
+    import stat
+
+    from mpqkit import runio
+    from mpqkit.engine.checkpoint import save_checkpoint
+    from mpqkit.models import build_model
+
+    st = save_checkpoint(tmp_path / "c", build_model("resnet20"), {"model": "resnet20"})
+    # safetensors itself creates 0600 files; the run folder's files get 0666 less the umask
+    assert stat.S_IMODE(st.stat().st_mode) == runio._MODE
+    assert stat.S_IMODE(st.with_suffix(".json").stat().st_mode) == runio._MODE
