@@ -234,3 +234,24 @@ def test_loss_terms():
     assert m.item() > 0 and z.grad is not None
     same = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
     assert float(margin_loss(same, torch.tensor([0, 0, 1, 1]))) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_search_checkpoint_reloads_as_its_supernet(folder, tmp_path):
+    import math
+
+    import torch
+
+    from mpqkit.engine import load_checkpoint_model
+    from mpqkit.search import Supernet
+    from mpqkit.sharpness import sharpness_from_checkpoint
+
+    res = search(tiny(folder, tmp_path / "s", method="edmips", budget="w3a3"))
+    sn, meta = load_checkpoint_model(res.run_dir / "last.safetensors")
+    assert isinstance(sn, Supernet) and meta["kind"] == "supernet"
+    assert sn.argmax_bits() == res.argmax_bits
+    x = torch.randn(2, 3, 32, 32)
+    assert sn(x).shape == (2, 4)
+    out = sharpness_from_checkpoint(res.run_dir / "last.safetensors",
+                                    {"name": f"imagefolder:{folder}", "input_size": 32},
+                                    batches=1, batch_size=8)
+    assert math.isfinite(out["surrogate_gap"])

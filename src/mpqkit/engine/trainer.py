@@ -423,11 +423,20 @@ def finetune(cfg: RunConfig) -> RunResult:
 
 
 def load_checkpoint_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the (quantized) model a checkpoint was written from, with its weights."""
+    """Rebuild the (quantized) model a checkpoint was written from, with its weights.
+
+    A search run's ``last.safetensors`` gives back its supernet (e.g. to measure its sharpness).
+    """
     tensors, meta = read_checkpoint(path)
     if "model" not in meta:
         raise CheckpointError(f"{path} has no mpqkit metadata (.json beside it): pass a checkpoint "
                               "written by mpqkit train/finetune")
+    if meta.get("kind") == "supernet":  # a search run's checkpoint: the mixed-precision supernet
+        from mpqkit.search.loop import supernet_from_checkpoint
+
+        sn = supernet_from_checkpoint(tensors, meta, str(path))
+        sn.eval()
+        return sn, meta
     model = build_model(meta["model"], num_classes=int(meta["num_classes"]))
     if meta.get("policy"):
         policy = Policy.from_dict(meta["policy"], f"{path} policy")

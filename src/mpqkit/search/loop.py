@@ -48,7 +48,7 @@ from mpqkit.engine.checkpoint import (
     restore_optimizer,
     save_checkpoint,
 )
-from mpqkit.engine.config import load_config, to_dict, write_yaml
+from mpqkit.engine.config import from_dict, load_config, to_dict, write_yaml
 from mpqkit.engine.distributed import resolve_device
 from mpqkit.engine.trainer import resolve_weights, setup_logging
 from mpqkit.errors import ConfigError
@@ -197,6 +197,18 @@ def load_search_config(config_file: str | Path | None = None,
                        overrides: Mapping[str, Any] | None = None) -> SearchConfig:
     """Defaults < YAML file < ``overrides`` (dotted keys for ``data.*`` and ``quant.*``)."""
     return load_config(SearchConfig, config_file, overrides)
+
+
+def supernet_from_checkpoint(tensors: Mapping[str, Tensor], meta: Mapping[str, Any],
+                             source: str) -> Supernet:
+    """Rebuild the supernet a search saved (``RUN_DIR/last.safetensors``) with its state."""
+    cfg = from_dict(SearchConfig, meta["config"], f"{source} config")
+    model = build_model(cfg.model, num_classes=int(meta["num_classes"]))
+    sn = build_supernet(model, tuple(meta["input_size"]), w_bits=cfg.w_bits, a_bits=cfg.a_bits,
+                        first_last=cfg.first_last, quant=cfg.quant, model_name=cfg.model,
+                        inplace=True)
+    load_model_state(sn, tensors, source)
+    return sn
 
 
 # ----------------------------------------------------------------------------------------------
