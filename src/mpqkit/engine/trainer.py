@@ -458,7 +458,8 @@ def evaluate(checkpoint: str | Path, data: DataConfig, device: str = "auto") -> 
                               "was trained on")
     loader = make_loader(bundle.test, data.eval_batch_size, train=False, workers=data.workers)
     res: dict[str, Any] = evaluate_model(model.to(dev), loader, dev)
-    res.update(checkpoint=str(checkpoint), model=meta["model"], data=bundle.description)
+    res.update(checkpoint=str(checkpoint), model=meta["model"],
+               data=f"{bundle.name} test split, {res['n']} images")
     if meta.get("policy"):
         c = Policy.from_dict(meta["policy"]).complexity()
         res.update(bitops=c.bitops, size_mb=c.size_mb, avg_w_bits=c.avg_w_bits,
