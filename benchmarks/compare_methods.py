@@ -38,6 +38,7 @@ def run_method(method: str, args: argparse.Namespace) -> dict[str, Any]:
                               batch_size=args.search_batch_size)
         if method in NEEDS_FP:
             cfg.weights = "bundled"
+        cfg.hawq_batches, cfg.hawq_iters = args.hawq_batches, args.hawq_iters
         search(cfg)
     policy = Policy.load(sdir / "policy.json")
     prov = policy.provenance
@@ -106,6 +107,8 @@ def main() -> None:
     ap.add_argument("--finetune-epochs", type=int, default=1)
     ap.add_argument("--finetune-lr", type=float, default=0.01)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--hawq-batches", type=int, default=4, help="batches for HAWQ's traces")
+    ap.add_argument("--hawq-iters", type=int, default=16, help="Hutchinson samples per batch")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--stage", choices=["search", "all"], default="all",
                     help="search only, or search then fine-tune (finished stages are skipped)")
