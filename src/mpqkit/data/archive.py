@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from mpqkit.data.decode import _CHUNK, decode_into, load_array, save_array
-from mpqkit.data.sources import IMG_EXTENSIONS, file_lock
+from mpqkit.data.sources import IMG_EXTENSIONS, class_index, file_lock
 from mpqkit.errors import DataError
 
 log = logging.getLogger("mpqkit.data")
@@ -111,16 +111,7 @@ def _split_arrays(
                 f"class folder {folder}/{split}/{name} in {archive} has no images: add images "
                 f"or remove the folder from the archive"
             )
-    if classes is None:
-        classes = found
-    else:
-        unknown = sorted(set(found) - set(classes))
-        if unknown:
-            raise DataError(
-                f"{folder}/{split}/ in {archive} has class folders that the train split lacks "
-                f"({', '.join(unknown[:5])}): make both splits use the same class folder names"
-            )
-    index = {c: i for i, c in enumerate(classes)}
+    classes, index = class_index(found, classes, f"{folder}/{split}/ in {archive}")
     items: list[tuple[str, bytes]] = []
     labels: list[int] = []
     for name in found:

@@ -225,6 +225,22 @@ def _is_image(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMG_EXTENSIONS)
 
 
+def class_index(found: list[str], classes: list[str] | None,
+                where: str) -> tuple[list[str], dict[str, int]]:
+    """Classes of a split and their label indices: the train split's when given (``classes``);
+    a class folder the train split lacks is an error."""
+    if classes is None:
+        classes = found
+    else:
+        unknown = sorted(set(found) - set(classes))
+        if unknown:
+            raise DataError(
+                f"{where} has class folders that the train split lacks "
+                f"({', '.join(unknown[:5])}): make both splits use the same class folder names"
+            )
+    return classes, {c: i for i, c in enumerate(classes)}
+
+
 def list_split(split_dir: Path, classes: list[str] | None = None) -> SplitFiles:
     """List ``split_dir/<class>/**/<image>`` sorted by path (ImageFolder convention).
 
@@ -243,16 +259,7 @@ def list_split(split_dir: Path, classes: list[str] | None = None) -> SplitFiles:
             f"folder {split_dir} has no class subfolders: put the images in "
             f"{split_dir}/<class>/*.jpg (one folder per class)"
         )
-    if classes is None:
-        classes = found
-    else:
-        unknown = sorted(set(found) - set(classes))
-        if unknown:
-            raise DataError(
-                f"folder {split_dir} has class folders that the train split lacks "
-                f"({', '.join(unknown[:5])}): make both splits use the same class folder names"
-            )
-    index = {c: i for i, c in enumerate(classes)}
+    classes, index = class_index(found, classes, f"folder {split_dir}")
     paths: list[str] = []
     labels: list[int] = []
     for name in found:
