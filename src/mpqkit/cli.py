@@ -65,6 +65,27 @@ def add_data_args(p: argparse.ArgumentParser, train: bool = True) -> None:
                        default=None)
 
 
+def add_quant_args(g: argparse._ActionsContainer) -> None:
+    """Quantizer flags (``quant.*`` of the config) shared by ``finetune`` and ``search``."""
+    g.add_argument("--weight-quant", dest="quant.weight_method",
+                   choices=["lsq", "maxabs", "dorefa"])
+    g.add_argument("--act-quant", dest="quant.act_method", choices=["lsq", "pact"])
+    g.add_argument("--per-channel", dest="quant.per_channel",
+                   action=argparse.BooleanOptionalAction, default=None)
+
+
+def add_run_dir_args(g: argparse._ActionsContainer, default_out: str, resume_help: str) -> None:
+    """Seed, device and run-folder flags shared by every command that writes a run folder."""
+    g.add_argument("--seed", dest="seed", type=int)
+    g.add_argument("--device", dest="device", help="auto, cpu, cuda, cuda:1 ...")
+    g.add_argument("--out", dest="out", metavar="RUN_DIR",
+                   help=f"run folder (default: {default_out})")
+    g.add_argument("--overwrite", dest="overwrite", action="store_true", default=None,
+                   help="replace the run already in --out")
+    g.add_argument("--resume", dest="resume", action="store_true", default=None,
+                   help=resume_help)
+
+
 def overrides(args: argparse.Namespace, skip: Sequence[str] = ()) -> dict[str, Any]:
     """Flags the user gave (not None), as dotted config keys."""
     internal = {"func", "command", "config", "json", *skip}

@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from mpqkit.cli import add_data_args, overrides, print_json, require
+from mpqkit.cli import (
+    add_data_args,
+    add_quant_args,
+    add_run_dir_args,
+    overrides,
+    print_json,
+    require,
+)
 
 
 def add_run_args(p: argparse.ArgumentParser, quantized: bool) -> None:
@@ -18,14 +25,7 @@ def add_run_args(p: argparse.ArgumentParser, quantized: bool) -> None:
     p.add_argument("--epochs", dest="epochs", type=int, metavar="N")
     p.add_argument("--max-steps-per-epoch", dest="max_steps_per_epoch", type=int, metavar="N",
                    help="cut every epoch short (quick checks)")
-    p.add_argument("--seed", dest="seed", type=int)
-    p.add_argument("--device", dest="device", help="auto, cpu, cuda, cuda:1 ...")
-    p.add_argument("--out", dest="out", metavar="RUN_DIR",
-                   help="run folder (default: runs/COMMAND/MODEL-DATA-TIME)")
-    p.add_argument("--overwrite", dest="overwrite", action="store_true", default=None,
-                   help="replace the run already in --out")
-    p.add_argument("--resume", dest="resume", action="store_true", default=None,
-                   help="continue the interrupted run in --out")
+    add_run_dir_args(p, "runs/COMMAND/MODEL-DATA-TIME", "continue the interrupted run in --out")
     p.add_argument("--save-every-min", dest="save_every_min", type=float, metavar="MIN",
                    help="mid-epoch checkpoint period (default 5; 0 = per epoch only)")
     p.add_argument("--amp", dest="amp", action=argparse.BooleanOptionalAction, default=None,
@@ -44,11 +44,7 @@ def add_run_args(p: argparse.ArgumentParser, quantized: bool) -> None:
                        help="policy.json, or a uniform policy such as w4a4")
         q.add_argument("--first-last", dest="first_last", choices=["8bit", "fp"],
                        help="first conv / last linear of a uniform policy: 8/8 (default) or FP")
-        q.add_argument("--weight-quant", dest="quant.weight_method",
-                       choices=["lsq", "maxabs", "dorefa"])
-        q.add_argument("--act-quant", dest="quant.act_method", choices=["lsq", "pact"])
-        q.add_argument("--per-channel", dest="quant.per_channel",
-                       action=argparse.BooleanOptionalAction, default=None)
+        add_quant_args(q)
         q.add_argument("--calib-batches", dest="calib_batches", type=int, metavar="N")
         q.add_argument("--kd-alpha", dest="kd_alpha", type=float,
                        help="weight of distillation from the FP model (0 = off)")

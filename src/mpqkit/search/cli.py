@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mpqkit.cli import add_data_args, overrides, print_json
+from mpqkit.cli import add_data_args, add_quant_args, add_run_dir_args, overrides, print_json
 
 METHODS_HELP = ("asga (default), edmips, gmpq, seam; hawq, uniform, random where their modules "
                 "are installed")
@@ -87,20 +87,10 @@ def add_search_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--hawq-batches", dest="hawq_batches", type=int)
     g.add_argument("--hawq-iters", dest="hawq_iters", type=int)
     q = p.add_argument_group("quantization")
-    q.add_argument("--weight-quant", dest="quant.weight_method",
-                   choices=["lsq", "maxabs", "dorefa"])
-    q.add_argument("--act-quant", dest="quant.act_method", choices=["lsq", "pact"])
-    q.add_argument("--per-channel", dest="quant.per_channel",
-                   action=argparse.BooleanOptionalAction, default=None)
+    add_quant_args(q)
     r = p.add_argument_group("run")
-    r.add_argument("--seed", dest="seed", type=int)
-    r.add_argument("--device", dest="device", help="auto, cpu, cuda, cuda:1 ...")
-    r.add_argument("--out", dest="out", metavar="RUN_DIR",
-                   help="run folder (default: runs/search/METHOD-MODEL-DATA-TIME)")
-    r.add_argument("--overwrite", dest="overwrite", action="store_true", default=None,
-                   help="replace the run already in --out")
-    r.add_argument("--resume", dest="resume", action="store_true", default=None,
-                   help="continue the interrupted search in --out (more --epochs allowed)")
+    add_run_dir_args(r, "runs/search/METHOD-MODEL-DATA-TIME",
+                     "continue the interrupted search in --out (more --epochs allowed)")
     r.add_argument("--progress", dest="progress", action=argparse.BooleanOptionalAction,
                    default=None, help="progress bars")
     r.add_argument("--json", action="store_true", help="print the policy as JSON")
