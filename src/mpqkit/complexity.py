@@ -10,20 +10,43 @@ Conventions:
   left out of BitOps, as in the EdMIPS/GMPQ tables, and reported as ``fp_macs``.
 * ``size_mb`` is the storage of the quantizable layers' weights at their bit-widths
   (``params[l] * w_bits[l]`` bits, biases and BatchNorm excluded, 1 MB = 10^6 bytes).
+
+This module is the one home of cost: profiling (:func:`profile_model`), policy totals
+(:func:`compute_complexity`), per-layer and per-policy cost in a budget's unit
+(:func:`layer_cost`, :func:`policy_cost`), budgets (:class:`Budget`, :func:`parse_budget`) and
+their re-evaluation on another model (:func:`retarget_budget`). Whether a budget can be met and
+moving a policy into it (feasibility, repair) live in :mod:`mpqkit.search.budget`; which layers
+are quantizable is the layer registry's (:func:`mpqkit.quant.layers.quantizable_layers`).
+
+Budgets: a budget is stated as BitOps (absolute, ``"1.2G"``, or as ``"same as uniform wWaA"``)
+or as model size in MB. BitOps count only layers whose weights and inputs are both quantized;
+the size counts every quantizable layer's weights at its bits (32 for full precision).
+
+Retargeting a budget onto another model (policy transfer): a ``w3a3`` budget becomes the BitOps
+of uniform w3a3 on the target (fixed layers at their fixed bits). An absolute budget ``B``
+becomes its average bit product over the searchable layers, ``p = (B - fixed BitOps) /
+searchable MACs`` on the proxy, then ``fixed BitOps + p * searchable MACs`` on the target
+(``p = 9`` for a w3a3 budget, so both rules agree). A size budget likewise becomes average bits
+per searchable weight.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from mpqkit.errors import ConfigError, ModelError
+from mpqkit.quant.layers import quantizable_layers
+from mpqkit.quant.quantizers import check_bits
 
 FP = 32
 MB = 1e6
+KINDS = ("bitops", "size_mb")
 
 
 @dataclass
@@ -38,14 +61,6 @@ class LayerInfo:
     out_shape: tuple[int, ...]
     groups: int = 1
     calls: int = 0
-
-
-def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Quantizable layers of ``model`` by fully-qualified name, in module-tree order."""
-    from mpqkit.quant.layers import quantizable_types  # quant imports this module
-
-    types = quantizable_types()
-    return {n: m for n, m in model.named_modules() if isinstance(m, types) and n}
 
 
 def normalize_input_size(input_size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -191,3 +206,192 @@ def parse_count(text: str) -> float:
     except ValueError:
         raise ConfigError(f"cannot read the number {text!r}: write e.g. 1.2G, 350M or "
                           "1.5e9") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# budgets
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Budget:
+    """A complexity budget: ``kind`` is ``"bitops"`` or ``"size_mb"``; ``spec`` what was asked."""
+
+    kind: str  # "bitops" | "size_mb"
+    value: float  # BitOps count or MB (1 MB = 1e6 bytes)
+    spec: str  # what the user wrote: "w3a3", "1.2G", "0.5MB"
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ConfigError(f"budget kind {self.kind!r} is unknown: use one of "
+                              f"{', '.join(KINDS)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "value": self.value, "spec": self.spec}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Budget:
+        """The inverse of :meth:`to_dict` (extra keys are ignored)."""
+        try:
+            return cls(str(d["kind"]), float(d["value"]), str(d.get("spec", d["value"])))
+        except (KeyError, TypeError, ValueError):
+            raise ConfigError(f"budget {dict(d)!r} is malformed: write it as "
+                              '{"kind": "bitops", "value": 1.2e9, "spec": "1.2G"}') from None
+
+    def format(self, value: float | None = None) -> str:
+        """``value`` (default: the budget) in this budget's unit, e.g. ``1.234G BitOps``."""
+        return format_cost(self.value if value is None else value, self.kind)
+
+    def describe(self) -> str:
+        """E.g. ``w3a3 (1.234G BitOps)`` or ``0.5MB (0.5000 MB)``."""
+        return f"{self.spec} ({self.format()})"
+
+
+def format_cost(value: float, kind: str) -> str:
+    """A cost in its unit: ``1.234G BitOps`` or ``0.1234 MB``."""
+    if kind == "bitops":
+        return f"{format_count(value)} BitOps"
+    return f"{value:.4f} MB"
+
+
+# ----------------------------------------------------------------------------------------------
+# costs
+# ----------------------------------------------------------------------------------------------
+def policy_cost(infos: Mapping[str, LayerInfo], bits: Mapping[str, tuple[int, int]],
+                kind: str) -> float:
+    """BitOps or size (MB) of per-layer ``bits`` over ``infos`` (via ``compute_complexity``)."""
+    if kind not in KINDS:
+        raise ConfigError(f"budget kind {kind!r} is unknown: use one of {', '.join(KINDS)}")
+    c = compute_complexity(infos, bits, (0, 0))
+    return float(c.bitops) if kind == "bitops" else float(c.size_mb)
+
+
+def layer_cost(info: LayerInfo, w: int, a: int, kind: str) -> float:
+    """Cost of one layer at ``(w, a)``; sums to :func:`policy_cost`."""
+    if kind == "bitops":
+        return float(info.macs * w * a) if (w < FP and a < FP) else 0.0
+    return info.params * w / 8 / MB
+
+
+# ----------------------------------------------------------------------------------------------
+# parsing
+# ----------------------------------------------------------------------------------------------
+_UNIFORM_RE = re.compile(r"\s*w\d+a\d+\s*", re.IGNORECASE)
+_MB_RE = re.compile(r"\s*([0-9.eE+-]+)\s*mb\s*", re.IGNORECASE)
+
+
+def is_uniform_spec(text: str) -> bool:
+    """True for a uniform policy spec such as ``w4a4``."""
+    return bool(_UNIFORM_RE.fullmatch(str(text)))
+
+
+def parse_budget(*, bitops: str | None = None, uniform: str | None = None,
+                 size_mb: float | str | None = None, infos: Mapping[str, LayerInfo],
+                 fixed_bits: Mapping[str, tuple[int, int]],
+                 searchable: Sequence[str]) -> Budget:
+    """A :class:`Budget` from exactly one of ``bitops``, ``uniform`` or ``size_mb``.
+
+    ``bitops``: a count such as ``"1.2G"`` or ``"3.5e8"``; for convenience a uniform spec
+    (``"w4a4"``) or a size (``"0.5MB"``) given here is read as such. ``uniform``: ``"w3a3"`` means
+    the BitOps of the policy with every searchable layer at w3a3 and the fixed layers at their
+    ``fixed_bits``. ``size_mb``: megabytes (10^6 bytes) of quantized weights.
+    """
+    given = [v for v in (bitops, uniform, size_mb) if v not in (None, "")]
+    if len(given) != 1:
+        raise ConfigError("give exactly one budget: BitOps (e.g. 1.2G), a uniform policy "
+                          "(e.g. w4a4) or a model size in MB (e.g. 0.5MB)")
+    if bitops not in (None, ""):
+        text = str(bitops)
+        if _UNIFORM_RE.fullmatch(text):
+            uniform = text
+        elif _MB_RE.fullmatch(text):
+            size_mb = text
+        else:
+            value = parse_count(text)
+            if not value > 0:
+                raise ConfigError(f"budget {text!r} must be a positive BitOps count: e.g. 1.2G")
+            return Budget("bitops", float(value), text.strip())
+    if uniform not in (None, ""):
+        spec = str(uniform).strip().lower()
+        w, a = _uniform_bits(spec)
+        if w >= FP or a >= FP:
+            raise ConfigError(f"uniform budget {spec} has full-precision layers, which count no "
+                              "BitOps: give quantized bits such as w4a4")
+        missing = [n for n in infos if n not in fixed_bits and n not in set(searchable)]
+        if missing:
+            raise ConfigError(f"layers {', '.join(missing[:8])} are neither searchable nor fixed: "
+                              "list every quantizable layer in one of the two")
+        bits = {n: tuple(fixed_bits[n]) if n in fixed_bits else (w, a) for n in infos}
+        value = policy_cost(infos, bits, "bitops")  # type: ignore[arg-type]
+        if not value > 0:
+            raise ConfigError(f"uniform budget {spec} gives 0 BitOps on this model: give an "
+                              "absolute budget such as 1.2G")
+        return Budget("bitops", value, spec)
+    text = str(size_mb).strip()
+    m = _MB_RE.fullmatch(text)
+    try:
+        value = float(m.group(1) if m else text)
+    except ValueError:
+        raise ConfigError(f"cannot read the size budget {size_mb!r}: write megabytes, e.g. "
+                          "0.5 or 0.5MB") from None
+    if not value > 0:
+        raise ConfigError(f"size budget {size_mb!r} must be positive: e.g. 0.5MB")
+    return Budget("size_mb", value, text if m else f"{value:g}MB")
+
+
+def _uniform_bits(spec: str) -> tuple[int, int]:
+    """``"w3a3"`` -> ``(3, 3)`` for a uniform budget (bits checked against the supported ones)."""
+    m = re.fullmatch(r"\s*w(\d+)a(\d+)\s*", str(spec).lower())
+    if not m:
+        raise ConfigError(f"cannot read the uniform budget {spec!r}: write it as wWaA, e.g. w4a4")
+    return (check_bits(int(m.group(1)), f"uniform budget {spec} weight bits"),
+            check_bits(int(m.group(2)), f"uniform budget {spec} activation bits"))
+
+
+# ----------------------------------------------------------------------------------------------
+# budgets on another model (policy transfer)
+# ----------------------------------------------------------------------------------------------
+def _split_cost(infos: Mapping[str, LayerInfo], fixed_bits: Mapping[str, tuple[int, int]],
+                kind: str) -> tuple[float, float]:
+    """(cost of the fixed layers at their bits, unit cost of the searchable layers).
+
+    The unit cost is searchable MACs (BitOps per bit product) or searchable weights in MB per bit.
+    """
+    fixed = unit = 0.0
+    for n, info in infos.items():
+        if n in fixed_bits:
+            fixed += layer_cost(info, *fixed_bits[n], kind)
+        else:
+            unit += info.macs if kind == "bitops" else info.params / 8 / MB
+    return fixed, unit
+
+
+def _uniform_cost(infos: Mapping[str, LayerInfo], fixed_bits: Mapping[str, tuple[int, int]],
+                  w: int, a: int, kind: str) -> float:
+    bits = {n: (tuple(fixed_bits[n]) if n in fixed_bits else (w, a)) for n in infos}
+    return policy_cost(infos, bits, kind)  # type: ignore[arg-type]
+
+
+def retarget_budget(budget: Budget, proxy_infos: Mapping[str, LayerInfo],
+                    proxy_fixed: Mapping[str, tuple[int, int]],
+                    target_infos: Mapping[str, LayerInfo],
+                    target_fixed: Mapping[str, tuple[int, int]],
+                    input_size: tuple[int, int]) -> tuple[float, str]:
+    """The budget's value on the target and a short description of the rule used.
+
+    ``*_infos`` are the layers of the proxy and the target, ``*_fixed`` the bits of their fixed
+    (not searched) layers; every other layer is searchable. ``input_size`` is the target's, for
+    the description. The rules are in the module docstring.
+    """
+    h, w_ = input_size
+    if is_uniform_spec(budget.spec) and budget.kind == "bitops":
+        wb, ab = _uniform_bits(budget.spec)
+        return (_uniform_cost(target_infos, target_fixed, wb, ab, "bitops"),
+                f"BitOps of uniform {budget.spec} on the target at {h}x{w_}")
+    pf, pu = _split_cost(proxy_infos, proxy_fixed, budget.kind)
+    tf, tu = _split_cost(target_infos, target_fixed, budget.kind)
+    if pu <= 0:
+        return budget.value, "unchanged (the proxy policy has no searchable layer)"
+    p = (budget.value - pf) / pu
+    if budget.kind == "bitops":
+        return tf + p * tu, (f"the same average bit product w*a = {p:.2f} over the searchable "
+                             f"layers, on the target at {h}x{w_}")
+    return tf + p * tu, f"the same average {p:.2f} bits per searchable weight, on the target"

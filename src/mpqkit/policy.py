@@ -35,9 +35,9 @@ from mpqkit.complexity import (
     compute_complexity,
     normalize_input_size,
     profile_model,
-    quantizable_layers,
 )
 from mpqkit.errors import ConfigError, PolicyError
+from mpqkit.quant.layers import quantizable_layers
 from mpqkit.quant.quantizers import FULL_PRECISION, SUPPORTED_BITS
 
 FORMAT = "mpqkit.policy"

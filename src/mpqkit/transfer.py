@@ -5,13 +5,13 @@ The proxy and the target must share the names of their quantized layers (e.g. th
 the names. Complexity is recomputed at the target's input size.
 
 The budget a policy was searched under is stated on the proxy. On the target it is re-evaluated
-as the same *uniform-equivalent* budget: a ``w3a3`` budget becomes the BitOps of uniform w3a3 on
-the target (fixed layers at their fixed bits) at the target's input size. An absolute budget
-``B`` becomes its average bit product over the searchable layers,
-``p = (B - fixed BitOps) / searchable MACs`` on the proxy, then ``fixed BitOps + p * searchable
-MACs`` on the target (``p = 9`` for a w3a3 budget, so both rules agree). A size budget likewise
-becomes average bits per searchable weight. The budget *holds* when the transferred policy does
-not exceed that figure.
+by :func:`mpqkit.complexity.retarget_budget` as the same *uniform-equivalent* budget: a ``w3a3``
+budget becomes the BitOps of uniform w3a3 on the target (fixed layers at their fixed bits) at
+the target's input size. An absolute budget ``B`` becomes its average bit product over the
+searchable layers, ``p = (B - fixed BitOps) / searchable MACs`` on the proxy, then ``fixed BitOps
++ p * searchable MACs`` on the target (``p = 9`` for a w3a3 budget, so both rules agree). A size
+budget likewise becomes average bits per searchable weight. The budget *holds* when the
+transferred policy does not exceed that figure.
 """
 
 from __future__ import annotations
@@ -19,52 +19,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mpqkit.complexity import MB, compute_complexity, quantizable_layers
+from mpqkit.complexity import Budget, format_cost, retarget_budget
 from mpqkit.errors import PolicyError
 from mpqkit.models import build_model, default_input_size
-from mpqkit.policy import Policy, parse_uniform
-from mpqkit.search.budget import Budget, format_cost, is_uniform_spec, layer_cost
+from mpqkit.policy import Policy
+from mpqkit.quant.layers import quantizable_layers
 
 
-def _split_cost(policy: Policy, kind: str) -> tuple[float, float]:
-    """(cost of the fixed layers at their bits, unit cost of the searchable layers).
-
-    The unit cost is searchable MACs (BitOps per bit product) or searchable weights in MB per bit.
-    """
-    fixed = unit = 0.0
-    for n, info in policy.layer_infos().items():
-        lp = policy.layers[n]
-        if lp.fixed:
-            fixed += layer_cost(info, lp.w_bits, lp.a_bits, kind)
-        else:
-            unit += info.macs if kind == "bitops" else info.params / 8 / MB
-    return fixed, unit
-
-
-def _uniform_cost(policy: Policy, w: int, a: int, kind: str) -> float:
-    infos = policy.layer_infos()
-    bits = {n: ((lp.w_bits, lp.a_bits) if lp.fixed else (w, a))
-            for n, lp in policy.layers.items()}
-    c = compute_complexity(infos, bits, policy.input_size)
-    return float(c.bitops) if kind == "bitops" else float(c.size_mb)
-
-
-def retarget_budget(budget: Budget, proxy: Policy, target: Policy) -> tuple[float, str]:
-    """The budget's value on ``target`` and a short description of the rule used."""
-    h, w_ = target.input_size
-    if is_uniform_spec(budget.spec) and budget.kind == "bitops":
-        wb, ab = parse_uniform(budget.spec)
-        return (_uniform_cost(target, wb, ab, "bitops"),
-                f"BitOps of uniform {budget.spec} on the target at {h}x{w_}")
-    pf, pu = _split_cost(proxy, budget.kind)
-    tf, tu = _split_cost(target, budget.kind)
-    if pu <= 0:
-        return budget.value, "unchanged (the proxy policy has no searchable layer)"
-    p = (budget.value - pf) / pu
-    if budget.kind == "bitops":
-        return tf + p * tu, (f"the same average bit product w*a = {p:.2f} over the searchable "
-                             f"layers, on the target at {h}x{w_}")
-    return tf + p * tu, f"the same average {p:.2f} bits per searchable weight, on the target"
+def _fixed_bits(policy: Policy) -> dict[str, tuple[int, int]]:
+    return {n: (lp.w_bits, lp.a_bits) for n, lp in policy.layers.items() if lp.fixed}
 
 
 def _names(names: list[str], limit: int = 12) -> str:
@@ -116,7 +79,9 @@ def transfer_policy(policy: Policy | str | Path, model_name: str, num_classes: i
                              f"{tc.size_mb:.4f} MB; the policy records no budget to check")
         return target, report
     budget = Budget.from_dict(src.budget)
-    value, rule = retarget_budget(budget, src, target)
+    value, rule = retarget_budget(budget, src.layer_infos(), _fixed_bits(src),
+                                  target.layer_infos(), _fixed_bits(target),
+                                  target.input_size)
     achieved = float(tc.bitops) if budget.kind == "bitops" else float(tc.size_mb)
     holds = achieved <= value * (1 + 1e-9)
     # the proxy's figures, for reference

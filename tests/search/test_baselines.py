@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from mpqkit.complexity import profile_model
+from mpqkit.complexity import Budget, parse_budget, policy_cost, profile_model
 from mpqkit.errors import BudgetError
 from mpqkit.models import build_model
 from mpqkit.policy import first_last_layers
 from mpqkit.search.baselines import random_bits, uniform_bits
-from mpqkit.search.budget import Budget, parse_budget, policy_cost
 
 C = (2, 3, 4, 6)
 

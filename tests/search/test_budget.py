@@ -6,20 +6,11 @@ import random
 
 import pytest
 
-from mpqkit.complexity import LayerInfo, profile_model
+from mpqkit.complexity import Budget, LayerInfo, parse_budget, policy_cost, profile_model
 from mpqkit.errors import BudgetError, ConfigError
 from mpqkit.models import build_model
 from mpqkit.policy import first_last_layers
-from mpqkit.search.budget import (
-    Budget,
-    _greedy,
-    achievable_range,
-    check_feasible,
-    parse_budget,
-    policy_cost,
-    repair,
-    solve_choices,
-)
+from mpqkit.search.budget import _greedy, achievable_range, check_feasible, repair, solve_choices
 
 C = (2, 3, 4, 6)
 

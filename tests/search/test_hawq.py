@@ -6,9 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mpqkit.complexity import profile_model
+from mpqkit.complexity import parse_budget, policy_cost, profile_model
 from mpqkit.policy import first_last_layers
-from mpqkit.search.budget import parse_budget, policy_cost
 from mpqkit.search.hawq import (
     CACHE_FILE,
     hawq_search,

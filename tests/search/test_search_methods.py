@@ -12,6 +12,7 @@ import torch
 import yaml
 from PIL import Image
 
+from mpqkit.complexity import policy_cost
 from mpqkit.data import DataConfig
 from mpqkit.engine.checkpoint import save_checkpoint
 from mpqkit.errors import BudgetError, ConfigError
@@ -22,7 +23,6 @@ from mpqkit.search import (
     MethodResult,
     SearchConfig,
     load_search_config,
-    policy_cost,
     register_method,
     search,
 )

@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from mpqkit.complexity import policy_cost
 from mpqkit.models import build_model
 from mpqkit.policy import Policy
 from mpqkit.quant import QConv2d, QLinear, QuantConfig, make_act_quantizer, make_weight_quantizer
-from mpqkit.search.budget import policy_cost
 from mpqkit.search.supernet import (
     MixedConv2d,
     MixedLinear,

@@ -71,7 +71,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from mpqkit.errors import CheckpointError, MpqkitError
 from mpqkit.export import DEFAULT_OPSET, INT_TYPES, ExportError
 from mpqkit.export.packed import check_calibrated, pack_bits, weight_integers
-from mpqkit.quant.layers import QuantMixin
+from mpqkit.quant.layers import QuantMixin, quantizable_layers
 from mpqkit.quant.quantizers import FULL_PRECISION, Quantizer
 from mpqkit.runio import atomic_write
 
@@ -846,7 +846,6 @@ def _policy_json(model: nn.Module, meta: Mapping[str, Any] | None,
         return json.dumps(meta["policy"], separators=(",", ":"))
     if not any(isinstance(m, QuantMixin) for m in model.modules()):
         return None
-    from mpqkit.complexity import quantizable_layers
     from mpqkit.policy import Policy
 
     bits = {n: ((m.w_bits, m.a_bits) if isinstance(m, QuantMixin) else

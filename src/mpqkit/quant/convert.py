@@ -9,9 +9,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from mpqkit.complexity import quantizable_layers
 from mpqkit.errors import PolicyError
-from mpqkit.quant.layers import QuantConfig, QuantMixin, qlayer_for
+from mpqkit.quant.layers import QuantConfig, QuantMixin, qlayer_for, quantizable_layers
 from mpqkit.quant.quantizers import Quantizer
 
 if TYPE_CHECKING:  # policy imports the quantizers; only the type is needed here

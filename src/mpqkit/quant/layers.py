@@ -66,6 +66,12 @@ def quantizable_types() -> tuple[type[nn.Module], ...]:
     return tuple(_QLAYERS)
 
 
+def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Quantizable layers of ``model`` by fully-qualified name, in module-tree order."""
+    types = quantizable_types()
+    return {n: m for n, m in model.named_modules() if isinstance(m, types) and n}
+
+
 def qlayer_for(module: nn.Module) -> type[QuantMixin] | None:
     """The quantized class for ``module`` (exact type match), or None."""
     return _QLAYERS.get(type(module))

@@ -1,19 +1,13 @@
-"""Policy search: the supernet, the shared loop, the methods and the budget logic.
+"""Policy search: the supernet, the shared loop, the methods, budget feasibility and repair.
 
 ``search(SearchConfig(...))`` runs one method (``asga``, ``edmips``, ``gmpq``, ``seam``, and the
 methods other modules register, e.g. ``hawq``) and returns a :class:`SearchResult` whose
-``policy`` lands in ``[0.98, 1.0] x`` the budget.
+``policy`` lands in ``[0.98, 1.0] x`` the budget. Budgets and costs (``Budget``,
+``parse_budget``, ``policy_cost``) live in :mod:`mpqkit.complexity`.
 """
 
 from mpqkit.search.baselines import random_bits, uniform_bits
-from mpqkit.search.budget import (
-    Budget,
-    achievable_range,
-    check_feasible,
-    parse_budget,
-    policy_cost,
-    repair,
-)
+from mpqkit.search.budget import achievable_range, check_feasible, repair
 from mpqkit.search.hawq import hawq_search, hutchinson_trace
 from mpqkit.search.loop import (
     DualLambda,
@@ -40,10 +34,10 @@ from mpqkit.search.supernet import (
 )
 
 __all__ = [
-    "Budget", "DualLambda", "MethodResult", "MixedConv2d", "MixedLinear", "MixedQuantMixin",
+    "DualLambda", "MethodResult", "MixedConv2d", "MixedLinear", "MixedQuantMixin",
     "SearchConfig", "SearchContext", "SearchResult", "Supernet", "SupernetMethod",
     "SupernetSearch", "build_context",
     "achievable_range", "available_methods", "build_supernet", "check_feasible", "get_method",
-    "hawq_search", "hutchinson_trace", "load_search_config", "mix_quantized", "parse_budget",
-    "policy_cost", "random_bits", "register_method", "repair", "search", "uniform_bits",
+    "hawq_search", "hutchinson_trace", "load_search_config", "mix_quantized", "random_bits",
+    "register_method", "repair", "search", "uniform_bits",
 ]

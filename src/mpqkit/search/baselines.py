@@ -18,16 +18,9 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from mpqkit.complexity import LayerInfo
+from mpqkit.complexity import Budget, LayerInfo, policy_cost
 from mpqkit.errors import BudgetError, ConfigError
-from mpqkit.search.budget import (
-    DEFAULT_TOL,
-    Budget,
-    achievable_range,
-    check_feasible,
-    policy_cost,
-    repair,
-)
+from mpqkit.search.budget import DEFAULT_TOL, achievable_range, check_feasible, repair
 from mpqkit.search.loop import MethodResult, SearchContext, register_method
 
 Bits = dict[str, tuple[int, int]]

@@ -1,10 +1,9 @@
-"""Complexity budgets: parsing, feasibility, and moving a policy into the budget band.
+"""Budget feasibility and repair: moving a policy into the budget band.
 
-A budget is stated as BitOps (absolute, ``"1.2G"``, or as ``"same as uniform wWaA"``) or as
-model size in MB (1 MB = 10^6 bytes, as in :mod:`mpqkit.complexity`). Costs are those of
-:func:`mpqkit.complexity.compute_complexity`: BitOps count only layers whose weights and inputs
-are both quantized; the size counts every quantizable layer's weights at its bits (32 for
-full precision).
+The budget itself lives with the costs in :mod:`mpqkit.complexity`: ``Budget``,
+``parse_budget`` (BitOps, ``"same as uniform wWaA"`` or model size in MB), ``policy_cost`` and
+``layer_cost``. This module answers whether a budget can be met (:func:`achievable_range`,
+:func:`check_feasible`) and moves a policy into it (:func:`repair`, :func:`solve_choices`).
 
 A searched policy must land in the band ``[(1 - tol) * budget, budget]`` (``tol = 0.02``).
 :func:`repair` moves any policy there: first greedily (lowering or raising one bit-width step at
@@ -15,145 +14,14 @@ program (``scipy.optimize.milp``) that changes the starting policy as little as 
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
 
-from mpqkit.complexity import FP, MB, LayerInfo, compute_complexity, format_count, parse_count
+from mpqkit.complexity import Budget, LayerInfo, layer_cost, policy_cost
 from mpqkit.errors import BudgetError, ConfigError
-from mpqkit.policy import parse_uniform
 
-KINDS = ("bitops", "size_mb")
 DEFAULT_TOL = 0.02
 
 Bits = dict[str, tuple[int, int]]
-
-
-@dataclass
-class Budget:
-    """A complexity budget: ``kind`` is ``"bitops"`` or ``"size_mb"``; ``spec`` what was asked."""
-
-    kind: str  # "bitops" | "size_mb"
-    value: float  # BitOps count or MB (1 MB = 1e6 bytes)
-    spec: str  # what the user wrote: "w3a3", "1.2G", "0.5MB"
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ConfigError(f"budget kind {self.kind!r} is unknown: use one of "
-                              f"{', '.join(KINDS)}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "value": self.value, "spec": self.spec}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Budget:
-        """The inverse of :meth:`to_dict` (extra keys are ignored)."""
-        try:
-            return cls(str(d["kind"]), float(d["value"]), str(d.get("spec", d["value"])))
-        except (KeyError, TypeError, ValueError):
-            raise ConfigError(f"budget {dict(d)!r} is malformed: write it as "
-                              '{"kind": "bitops", "value": 1.2e9, "spec": "1.2G"}') from None
-
-    def format(self, value: float | None = None) -> str:
-        """``value`` (default: the budget) in this budget's unit, e.g. ``1.234G BitOps``."""
-        return format_cost(self.value if value is None else value, self.kind)
-
-    def describe(self) -> str:
-        """E.g. ``w3a3 (1.234G BitOps)`` or ``0.5MB (0.5000 MB)``."""
-        return f"{self.spec} ({self.format()})"
-
-
-def format_cost(value: float, kind: str) -> str:
-    """A cost in its unit: ``1.234G BitOps`` or ``0.1234 MB``."""
-    if kind == "bitops":
-        return f"{format_count(value)} BitOps"
-    return f"{value:.4f} MB"
-
-
-# ----------------------------------------------------------------------------------------------
-# costs
-# ----------------------------------------------------------------------------------------------
-def policy_cost(infos: Mapping[str, LayerInfo], bits: Mapping[str, tuple[int, int]],
-                kind: str) -> float:
-    """BitOps or size (MB) of per-layer ``bits`` over ``infos`` (via ``compute_complexity``)."""
-    if kind not in KINDS:
-        raise ConfigError(f"budget kind {kind!r} is unknown: use one of {', '.join(KINDS)}")
-    c = compute_complexity(infos, bits, (0, 0))
-    return float(c.bitops) if kind == "bitops" else float(c.size_mb)
-
-
-def layer_cost(info: LayerInfo, w: int, a: int, kind: str) -> float:
-    """Cost of one layer at ``(w, a)``; sums to :func:`policy_cost`."""
-    if kind == "bitops":
-        return float(info.macs * w * a) if (w < FP and a < FP) else 0.0
-    return info.params * w / 8 / MB
-
-
-# ----------------------------------------------------------------------------------------------
-# parsing
-# ----------------------------------------------------------------------------------------------
-_UNIFORM_RE = re.compile(r"\s*w\d+a\d+\s*", re.IGNORECASE)
-_MB_RE = re.compile(r"\s*([0-9.eE+-]+)\s*mb\s*", re.IGNORECASE)
-
-
-def is_uniform_spec(text: str) -> bool:
-    """True for a uniform policy spec such as ``w4a4``."""
-    return bool(_UNIFORM_RE.fullmatch(str(text)))
-
-
-def parse_budget(*, bitops: str | None = None, uniform: str | None = None,
-                 size_mb: float | str | None = None, infos: Mapping[str, LayerInfo],
-                 fixed_bits: Mapping[str, tuple[int, int]],
-                 searchable: Sequence[str]) -> Budget:
-    """A :class:`Budget` from exactly one of ``bitops``, ``uniform`` or ``size_mb``.
-
-    ``bitops``: a count such as ``"1.2G"`` or ``"3.5e8"``; for convenience a uniform spec
-    (``"w4a4"``) or a size (``"0.5MB"``) given here is read as such. ``uniform``: ``"w3a3"`` means
-    the BitOps of the policy with every searchable layer at w3a3 and the fixed layers at their
-    ``fixed_bits``. ``size_mb``: megabytes (10^6 bytes) of quantized weights.
-    """
-    given = [v for v in (bitops, uniform, size_mb) if v not in (None, "")]
-    if len(given) != 1:
-        raise ConfigError("give exactly one budget: BitOps (e.g. 1.2G), a uniform policy "
-                          "(e.g. w4a4) or a model size in MB (e.g. 0.5MB)")
-    if bitops not in (None, ""):
-        text = str(bitops)
-        if _UNIFORM_RE.fullmatch(text):
-            uniform = text
-        elif _MB_RE.fullmatch(text):
-            size_mb = text
-        else:
-            value = parse_count(text)
-            if not value > 0:
-                raise ConfigError(f"budget {text!r} must be a positive BitOps count: e.g. 1.2G")
-            return Budget("bitops", float(value), text.strip())
-    if uniform not in (None, ""):
-        spec = str(uniform).strip().lower()
-        w, a = parse_uniform(spec)
-        if w >= FP or a >= FP:
-            raise ConfigError(f"uniform budget {spec} has full-precision layers, which count no "
-                              "BitOps: give quantized bits such as w4a4")
-        missing = [n for n in infos if n not in fixed_bits and n not in set(searchable)]
-        if missing:
-            raise ConfigError(f"layers {', '.join(missing[:8])} are neither searchable nor fixed: "
-                              "list every quantizable layer in one of the two")
-        bits = {n: tuple(fixed_bits[n]) if n in fixed_bits else (w, a) for n in infos}
-        value = policy_cost(infos, bits, "bitops")  # type: ignore[arg-type]
-        if not value > 0:
-            raise ConfigError(f"uniform budget {spec} gives 0 BitOps on this model: give an "
-                              "absolute budget such as 1.2G")
-        return Budget("bitops", value, spec)
-    text = str(size_mb).strip()
-    m = _MB_RE.fullmatch(text)
-    try:
-        value = float(m.group(1) if m else text)
-    except ValueError:
-        raise ConfigError(f"cannot read the size budget {size_mb!r}: write megabytes, e.g. "
-                          "0.5 or 0.5MB") from None
-    if not value > 0:
-        raise ConfigError(f"size budget {size_mb!r} must be positive: e.g. 0.5MB")
-    return Budget("size_mb", value, text if m else f"{value:g}MB")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -52,18 +52,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mpqkit.complexity import LayerInfo, quantizable_layers
+from mpqkit.complexity import Budget, LayerInfo, layer_cost, policy_cost
 from mpqkit.errors import BudgetError, ConfigError
-from mpqkit.quant.layers import QuantMixin
+from mpqkit.quant.layers import QuantMixin, quantizable_layers
 from mpqkit.quant.quantizers import make_act_quantizer, make_weight_quantizer
-from mpqkit.search.budget import (
-    DEFAULT_TOL,
-    Budget,
-    check_feasible,
-    layer_cost,
-    policy_cost,
-    solve_choices,
-)
+from mpqkit.search.budget import DEFAULT_TOL, check_feasible, solve_choices
 from mpqkit.search.loop import MethodResult, SearchContext, register_method
 
 CACHE_FILE = "hawq_traces.json"

@@ -40,7 +40,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from mpqkit.complexity import LayerInfo, normalize_input_size, profile_model
+from mpqkit.complexity import (
+    Budget,
+    LayerInfo,
+    normalize_input_size,
+    parse_budget,
+    policy_cost,
+    profile_model,
+)
 from mpqkit.data import DataBundle, DataConfig, build_data, make_loader
 from mpqkit.engine.checkpoint import (
     load_model_state,
@@ -58,7 +65,7 @@ from mpqkit.optim.bn import frozen_bn_stats
 from mpqkit.policy import FIRST_LAST_MODES, Policy, first_last_bits, first_last_layers
 from mpqkit.quant.layers import QuantConfig
 from mpqkit.runio import atomic_write_text, default_run_dir, prepare_run_dir
-from mpqkit.search.budget import Budget, check_feasible, parse_budget, policy_cost, repair
+from mpqkit.search.budget import check_feasible, repair
 from mpqkit.search.supernet import Supernet, build_supernet, parse_candidates
 
 log = logging.getLogger("mpqkit")

@@ -21,7 +21,7 @@ Expected complexity, differentiable in the logits, at the deployment input size:
     bitops:  C = sum_l MACs[l] * E[b_w[l]] * E[b_a[l]]   (+ fixed layers at their bits)
     size_mb: C = sum_l params[l] * E[b_w[l]] / 8 / 1e6   (+ fixed layers at their bits)
 
-in the units of :class:`mpqkit.search.budget.Budget` and with its conventions (full-precision
+in the units of :class:`mpqkit.complexity.Budget` and with its conventions (full-precision
 fixed layers count no BitOps but 32 bits of size).
 """
 
@@ -36,18 +36,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mpqkit.complexity import (
-    FP,
-    MB,
-    LayerInfo,
-    normalize_input_size,
-    profile_model,
-    quantizable_layers,
-)
+from mpqkit.complexity import FP, MB, LayerInfo, normalize_input_size, profile_model
 from mpqkit.errors import ConfigError, ModelError
 from mpqkit.optim.bn import frozen_bn_stats
 from mpqkit.policy import FIRST_LAST_MODES, Policy, first_last_bits, first_last_layers
-from mpqkit.quant.layers import QuantConfig, QuantMixin, qlayer_for
+from mpqkit.quant.layers import QuantConfig, QuantMixin, qlayer_for, quantizable_layers
 from mpqkit.quant.quantizers import (
     LSQQuantizer,
     Quantizer,
@@ -105,10 +98,6 @@ def _ensure_ready(q: Quantizer, x: Tensor) -> None:
             q._ready = True
         else:
             q.init_from(x)
-
-
-def _flat_dot(a: Tensor, b: Tensor) -> Tensor:
-    return torch.dot(a.reshape(-1), b.reshape(-1))
 
 
 #: Elements per block of the CPU kernel: one block of every temporary stays in cache.
