@@ -55,10 +55,10 @@ from __future__ import annotations
 import json
 import math
 import operator
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import onnx
@@ -197,6 +197,74 @@ def _describe(node: fx.Node) -> str:
     t = node.target
     mod = getattr(t, "__module__", None) or ""
     return f"function {mod + '.' if mod else ''}{getattr(t, '__name__', t)}"
+
+
+# ----------------------------------------------------------------------------------------------
+# handler tables: which _Converter method writes an op (function / method) or a module
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Call:
+    """A call_function / call_method node: its canonical op name and its loaded arguments."""
+
+    node: fx.Node
+    name: str
+    args: Sequence[Any]
+    kwargs: Mapping[str, Any]
+
+    @property
+    def a0(self) -> Any:
+        """The first argument, loaded (a tensor name, a Python value or a :class:`_Dyn`)."""
+        return self.args[0] if self.args else None
+
+    @property
+    def src(self) -> Any:
+        """The first argument as traced (the fx node whose shape metadata gives its shape)."""
+        return self.node.args[0] if self.node.args else None
+
+    def arg(self, i: int, name: str, default: Any = None) -> Any:
+        return _arg(self.args, self.kwargs, i, name, default)
+
+
+_OpMethod = Callable[["_Converter", _Call], Any]
+
+
+class _OpHandler(NamedTuple):
+    method: _OpMethod
+    tensor_input: bool  # the first argument must be a tensor
+
+
+_FUNCTION_HANDLERS: dict[str, _OpHandler] = {}
+_MODULE_HANDLERS: list[tuple[tuple[type, ...], bool, Callable[..., Any]]] = []
+
+
+def _handles(*names: str, tensor_input: bool = True) -> Callable[[_OpMethod], _OpMethod]:
+    """Register a ``_Converter`` method as the writer of the canonical op ``names``.
+
+    With ``tensor_input`` (the default) a call whose first argument is not a tensor is refused
+    before the method runs.
+    """
+
+    def deco(method: _OpMethod) -> _OpMethod:
+        for name in names:
+            _FUNCTION_HANDLERS[name] = _OpHandler(method, tensor_input)
+        return method
+
+    return deco
+
+
+def _handles_module(*types: type, exact: bool = False
+                    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register a ``_Converter`` method ``(self, lname, mod, node, x)`` as the writer of modules.
+
+    A module matches by ``isinstance`` (by its exact type with ``exact``); the table is scanned
+    in registration order (the order of the methods in the class) and the first match wins.
+    """
+
+    def deco(method: Callable[..., Any]) -> Callable[..., Any]:
+        _MODULE_HANDLERS.append((types, exact, method))
+        return method
+
+    return deco
 
 
 # ----------------------------------------------------------------------------------------------
@@ -451,6 +519,7 @@ class _Converter:
         self.layer_info["w_type"] = t.name
         return self.op("DequantizeLinear", [wq, s, zp], name=f"{lname}/weight_dequant", **attrs)
 
+    @_handles_module(QuantMixin)
     def quant_layer(self, lname: str, mod: QuantMixin, node: fx.Node, x: str) -> str:
         self.layer_info = {"name": lname, "op": type(mod).__name__, "w_bits": mod.w_bits,
                            "a_bits": mod.a_bits, "w_type": "float", "a_type": "float"}
@@ -495,64 +564,104 @@ class _Converter:
         x = args[0] if args else next(iter(kwargs.values()), None)
         if not isinstance(x, str):
             raise _Unsupported("a call without a tensor input")
-        if isinstance(mod, QuantMixin):
-            return self.quant_layer(lname, mod, node, x)
-        if type(mod) in (nn.Conv2d, nn.Linear):
-            self.layers.append({"name": lname, "op": type(mod).__name__,
-                                "w_bits": FULL_PRECISION, "a_bits": FULL_PRECISION,
-                                "w_type": "float", "a_type": "float"})
-            return self.float_layer(lname, mod, node, x, self.init(f"{lname}.weight",
-                                                                    _np(mod.weight)))
-        if isinstance(mod, nn.BatchNorm1d | nn.BatchNorm2d):
-            if mod.running_mean is None or mod.running_var is None:
-                raise _Unsupported("BatchNorm without running statistics")
-            c = mod.num_features
-            g = _np(mod.weight) if mod.weight is not None else np.ones(c, np.float32)
-            bb = _np(mod.bias) if mod.bias is not None else np.zeros(c, np.float32)
-            ins = [x, self.init(f"{lname}.weight", g), self.init(f"{lname}.bias", bb),
-                   self.init(f"{lname}.running_mean", _np(mod.running_mean)),
-                   self.init(f"{lname}.running_var", _np(mod.running_var))]
-            return self.op("BatchNormalization", ins, name=lname, epsilon=float(mod.eps))
-        if isinstance(mod, nn.Identity | nn.Dropout | nn.Dropout1d | nn.Dropout2d):
-            return x
-        if isinstance(mod, nn.ReLU):
-            return self.op("Relu", [x], name=lname)
-        if isinstance(mod, nn.ReLU6):
-            return self.clip(x, 0.0, 6.0, lname)
-        if isinstance(mod, nn.Hardtanh):
-            return self.clip(x, mod.min_val, mod.max_val, lname)
-        if isinstance(mod, nn.LeakyReLU):
-            return self.op("LeakyRelu", [x], name=lname, alpha=float(mod.negative_slope))
-        if isinstance(mod, nn.Sigmoid):
-            return self.op("Sigmoid", [x], name=lname)
-        if isinstance(mod, nn.Tanh):
-            return self.op("Tanh", [x], name=lname)
-        if isinstance(mod, nn.SiLU):
-            return self.op("Mul", [x, self.op("Sigmoid", [x], name=f"{lname}/sigmoid")],
-                           name=lname)
-        if isinstance(mod, nn.Hardswish):
-            return self.hardswish(x, lname)
-        if isinstance(mod, nn.Hardsigmoid):
-            return self.op("HardSigmoid", [x], name=lname, alpha=1.0 / 6, beta=0.5)
-        if isinstance(mod, nn.GELU):
-            return self.gelu(x, mod.approximate, lname)
-        if isinstance(mod, nn.Softmax):
-            return self.op("Softmax", [x], name=lname, axis=self.axis(node.args[0], mod.dim))
-        if isinstance(mod, nn.Flatten):
-            return self.flatten(node.args[0], x, mod.start_dim, mod.end_dim, lname)
-        if isinstance(mod, nn.AdaptiveAvgPool2d):
-            return self.adaptive_avg(node.args[0], x, mod.output_size, lname)
-        if isinstance(mod, nn.MaxPool2d):
-            if mod.return_indices:
-                raise _Unsupported("return_indices=True")
-            return self.pool("MaxPool", x, mod.kernel_size, mod.stride, mod.padding,
-                             mod.ceil_mode, lname, dilation=mod.dilation)
-        if isinstance(mod, nn.AvgPool2d):
-            if mod.divisor_override:
-                raise _Unsupported("divisor_override")
-            return self.pool("AveragePool", x, mod.kernel_size, mod.stride, mod.padding,
-                             mod.ceil_mode, lname, count_include_pad=mod.count_include_pad)
+        for types, exact, method in _MODULE_HANDLERS:
+            if (type(mod) in types) if exact else isinstance(mod, types):
+                return method(self, lname, mod, node, x)
         raise _Unsupported(f"{type(mod).__name__} has no ONNX form in mpqkit's exporter")
+
+    @_handles_module(nn.Conv2d, nn.Linear, exact=True)
+    def _mod_float_layer(self, lname: str, mod: nn.Conv2d | nn.Linear, node: fx.Node,
+                         x: str) -> str:
+        self.layers.append({"name": lname, "op": type(mod).__name__,
+                            "w_bits": FULL_PRECISION, "a_bits": FULL_PRECISION,
+                            "w_type": "float", "a_type": "float"})
+        return self.float_layer(lname, mod, node, x, self.init(f"{lname}.weight",
+                                                                _np(mod.weight)))
+
+    @_handles_module(nn.BatchNorm1d, nn.BatchNorm2d)
+    def _mod_batchnorm(self, lname: str, mod: nn.BatchNorm1d | nn.BatchNorm2d, node: fx.Node,
+                       x: str) -> str:
+        if mod.running_mean is None or mod.running_var is None:
+            raise _Unsupported("BatchNorm without running statistics")
+        c = mod.num_features
+        g = _np(mod.weight) if mod.weight is not None else np.ones(c, np.float32)
+        bb = _np(mod.bias) if mod.bias is not None else np.zeros(c, np.float32)
+        ins = [x, self.init(f"{lname}.weight", g), self.init(f"{lname}.bias", bb),
+               self.init(f"{lname}.running_mean", _np(mod.running_mean)),
+               self.init(f"{lname}.running_var", _np(mod.running_var))]
+        return self.op("BatchNormalization", ins, name=lname, epsilon=float(mod.eps))
+
+    @_handles_module(nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d)
+    def _mod_identity(self, lname: str, mod: nn.Module, node: fx.Node, x: str) -> str:
+        return x
+
+    @_handles_module(nn.ReLU)
+    def _mod_relu(self, lname: str, mod: nn.ReLU, node: fx.Node, x: str) -> str:
+        return self.op("Relu", [x], name=lname)
+
+    @_handles_module(nn.ReLU6)  # before Hardtanh, its base class
+    def _mod_relu6(self, lname: str, mod: nn.ReLU6, node: fx.Node, x: str) -> str:
+        return self.clip(x, 0.0, 6.0, lname)
+
+    @_handles_module(nn.Hardtanh)
+    def _mod_hardtanh(self, lname: str, mod: nn.Hardtanh, node: fx.Node, x: str) -> str:
+        return self.clip(x, mod.min_val, mod.max_val, lname)
+
+    @_handles_module(nn.LeakyReLU)
+    def _mod_leaky_relu(self, lname: str, mod: nn.LeakyReLU, node: fx.Node, x: str) -> str:
+        return self.op("LeakyRelu", [x], name=lname, alpha=float(mod.negative_slope))
+
+    @_handles_module(nn.Sigmoid)
+    def _mod_sigmoid(self, lname: str, mod: nn.Sigmoid, node: fx.Node, x: str) -> str:
+        return self.op("Sigmoid", [x], name=lname)
+
+    @_handles_module(nn.Tanh)
+    def _mod_tanh(self, lname: str, mod: nn.Tanh, node: fx.Node, x: str) -> str:
+        return self.op("Tanh", [x], name=lname)
+
+    @_handles_module(nn.SiLU)
+    def _mod_silu(self, lname: str, mod: nn.SiLU, node: fx.Node, x: str) -> str:
+        return self.op("Mul", [x, self.op("Sigmoid", [x], name=f"{lname}/sigmoid")],
+                       name=lname)
+
+    @_handles_module(nn.Hardswish)
+    def _mod_hardswish(self, lname: str, mod: nn.Hardswish, node: fx.Node, x: str) -> str:
+        return self.hardswish(x, lname)
+
+    @_handles_module(nn.Hardsigmoid)
+    def _mod_hardsigmoid(self, lname: str, mod: nn.Hardsigmoid, node: fx.Node, x: str) -> str:
+        return self.op("HardSigmoid", [x], name=lname, alpha=1.0 / 6, beta=0.5)
+
+    @_handles_module(nn.GELU)
+    def _mod_gelu(self, lname: str, mod: nn.GELU, node: fx.Node, x: str) -> str:
+        return self.gelu(x, mod.approximate, lname)
+
+    @_handles_module(nn.Softmax)
+    def _mod_softmax(self, lname: str, mod: nn.Softmax, node: fx.Node, x: str) -> str:
+        return self.op("Softmax", [x], name=lname, axis=self.axis(node.args[0], mod.dim))
+
+    @_handles_module(nn.Flatten)
+    def _mod_flatten(self, lname: str, mod: nn.Flatten, node: fx.Node, x: str) -> str:
+        return self.flatten(node.args[0], x, mod.start_dim, mod.end_dim, lname)
+
+    @_handles_module(nn.AdaptiveAvgPool2d)
+    def _mod_adaptive_avg(self, lname: str, mod: nn.AdaptiveAvgPool2d, node: fx.Node,
+                          x: str) -> str:
+        return self.adaptive_avg(node.args[0], x, mod.output_size, lname)
+
+    @_handles_module(nn.MaxPool2d)
+    def _mod_max_pool(self, lname: str, mod: nn.MaxPool2d, node: fx.Node, x: str) -> str:
+        if mod.return_indices:
+            raise _Unsupported("return_indices=True")
+        return self.pool("MaxPool", x, mod.kernel_size, mod.stride, mod.padding,
+                         mod.ceil_mode, lname, dilation=mod.dilation)
+
+    @_handles_module(nn.AvgPool2d)
+    def _mod_avg_pool(self, lname: str, mod: nn.AvgPool2d, node: fx.Node, x: str) -> str:
+        if mod.divisor_override:
+            raise _Unsupported("divisor_override")
+        return self.pool("AveragePool", x, mod.kernel_size, mod.stride, mod.padding,
+                         mod.ceil_mode, lname, count_include_pad=mod.count_include_pad)
 
     # -- shared op builders ----------------------------------------------------------------------
     def clip(self, x: str, lo: float, hi: float, name: str | None = None) -> str:
@@ -621,137 +730,189 @@ class _Converter:
 
     # -- functions and tensor methods ------------------------------------------------------------
     def function(self, node: fx.Node, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
-        name = _canon(node)
-        a0 = args[0] if args else None
-        src = node.args[0] if node.args else None
-        if name in ("add", "sub", "mul", "div", "floordiv"):
-            other = _arg(args, kwargs, 1, "other")
-            if name in ("add", "sub") and _arg(args, kwargs, 2, "alpha", 1) != 1:
-                raise _Unsupported("alpha != 1")
-            if not isinstance(a0, str) and not isinstance(other, str):
-                return self.dyn_arith(name, a0, other)
-            if name == "floordiv":
-                raise _Unsupported("floor division of tensors")
-            onnx_op = {"add": "Add", "sub": "Sub", "mul": "Mul", "div": "Div"}[name]
-            return self.op(onnx_op, [self.tensor_or_const(a0), self.tensor_or_const(other)],
-                           name=node.name)
-        if name == "identity":
-            return a0
-        if name == "getattr":
-            if isinstance(a0, str) and args[1] == "shape":
-                return self.size_of(src, None)
-            raise _Unsupported(f"attribute {args[1]!r} of a tensor")
-        if name == "size":
-            return self.size_of(src, _arg(args, kwargs, 1, "dim"))
-        if name == "getitem":
-            if isinstance(a0, str):
-                return self.getitem(src, a0, args[1], node.name)
-            if isinstance(a0, tuple | list):
-                return a0[args[1]]
-            raise _Unsupported("indexing a non-tensor value")
-        if not isinstance(a0, str) and name not in ("cat",):
+        call = _Call(node, _canon(node), args, kwargs)
+        handler = _FUNCTION_HANDLERS.get(call.name)
+        if (handler is None or handler.tensor_input) and not isinstance(call.a0, str):
             raise _Unsupported("a call whose first argument is not a tensor")
-        if name == "relu":
-            return self.op("Relu", [a0], name=node.name)
-        if name == "relu6":
-            return self.clip(a0, 0.0, 6.0, node.name)
-        if name == "hardtanh":
-            return self.clip(a0, _arg(args, kwargs, 1, "min_val", -1.0),
-                             _arg(args, kwargs, 2, "max_val", 1.0), node.name)
-        if name == "leaky_relu":
-            return self.op("LeakyRelu", [a0], name=node.name,
-                           alpha=float(_arg(args, kwargs, 1, "negative_slope", 0.01)))
-        if name in ("sigmoid", "tanh"):
-            return self.op(name.capitalize(), [a0], name=node.name)
-        if name == "silu":
-            return self.op("Mul", [a0, self.op("Sigmoid", [a0])], name=node.name)
-        if name == "hardswish":
-            return self.hardswish(a0, node.name)
-        if name == "hardsigmoid":
-            return self.op("HardSigmoid", [a0], name=node.name, alpha=1.0 / 6, beta=0.5)
-        if name == "gelu":
-            return self.gelu(a0, _arg(args, kwargs, 1, "approximate", "none"), node.name)
-        if name == "softmax":
-            return self.op("Softmax", [a0], name=node.name,
-                           axis=self.axis(src, _arg(args, kwargs, 1, "dim")))
-        if name == "flatten":
-            return self.flatten(src, a0, _arg(args, kwargs, 1, "start_dim", 0),
-                                _arg(args, kwargs, 2, "end_dim", -1), node.name)
-        if name == "adaptive_avg_pool2d":
-            return self.adaptive_avg(src, a0, _arg(args, kwargs, 1, "output_size"), node.name)
-        if name in ("max_pool2d", "avg_pool2d"):
-            kernel = _arg(args, kwargs, 1, "kernel_size")
-            stride = _arg(args, kwargs, 2, "stride")
-            padding = _arg(args, kwargs, 3, "padding", 0)
-            if name == "max_pool2d":
-                if _arg(args, kwargs, 6, "return_indices", False):
-                    raise _Unsupported("return_indices=True")
-                return self.pool("MaxPool", a0, kernel, stride, padding,
-                                 _arg(args, kwargs, 5, "ceil_mode", False), node.name,
-                                 dilation=_arg(args, kwargs, 4, "dilation", 1))
-            if _arg(args, kwargs, 6, "divisor_override"):
-                raise _Unsupported("divisor_override")
-            return self.pool("AveragePool", a0, kernel, stride, padding,
-                             _arg(args, kwargs, 4, "ceil_mode", False), node.name,
-                             count_include_pad=_arg(args, kwargs, 5, "count_include_pad", True))
-        if name == "pad":
-            return self.pad(src, a0, _arg(args, kwargs, 1, "pad"),
-                            _arg(args, kwargs, 2, "mode", "constant"),
-                            _arg(args, kwargs, 3, "value", None), node.name)
-        if name == "cat":
-            tensors = _arg(args, kwargs, 0, "tensors")
-            if not all(isinstance(t, str) for t in tensors):
-                raise _Unsupported("concatenating non-tensors")
-            dim = _arg(args, kwargs, 1, "dim", 0)
-            return self.op("Concat", list(tensors), name=node.name,
-                           axis=self.axis(node.args[0][0], dim))
-        if name == "mean":
-            dim = _arg(args, kwargs, 1, "dim")
-            keep = bool(_arg(args, kwargs, 2, "keepdim", False))
-            rank = len(self.shape(src))
-            dims = list(range(rank)) if dim is None else (
-                [dim] if isinstance(dim, int) else list(dim))
-            axes = [int(d) % rank for d in dims]
-            if self.opset >= 18:
-                return self.op("ReduceMean", [a0, self.const_i64(axes)], name=node.name,
-                               keepdims=int(keep))
-            return self.op("ReduceMean", [a0], name=node.name, axes=axes, keepdims=int(keep))
-        if name == "reshape":
-            shape = list(args[1:])
-            if len(shape) == 1 and isinstance(shape[0], tuple | list):
-                shape = list(shape[0])
-            if "shape" in kwargs:
-                shape = list(kwargs["shape"])
-            return self.op("Reshape", [a0, self.shape_tensor(shape)], name=node.name)
-        if name == "permute":
-            dims = list(args[1:])
-            if len(dims) == 1 and isinstance(dims[0], tuple | list):
-                dims = list(dims[0])
-            if "dims" in kwargs:
-                dims = list(kwargs["dims"])
-            rank = len(self.shape(src))
-            return self.op("Transpose", [a0], name=node.name, perm=[int(d) % rank for d in dims])
-        if name == "transpose":
-            rank = len(self.shape(src))
-            d0 = int(_arg(args, kwargs, 1, "dim0")) % rank
-            d1 = int(_arg(args, kwargs, 2, "dim1")) % rank
-            perm = list(range(rank))
-            perm[d0], perm[d1] = perm[d1], perm[d0]
-            return self.op("Transpose", [a0], name=node.name, perm=perm)
-        if name == "unsqueeze":
-            rank = len(self.shape(src)) + 1
-            d = int(_arg(args, kwargs, 1, "dim")) % rank
-            return self.op("Unsqueeze", [a0, self.const_i64([d])], name=node.name)
-        if name == "squeeze":
-            shape = self.shape(src)
-            dim = _arg(args, kwargs, 1, "dim")
-            dims = [i for i, s in enumerate(shape) if s == 1 and i > 0] if dim is None else (
-                [dim] if isinstance(dim, int) else list(dim))
-            axes = [int(d) % len(shape) for d in dims if shape[int(d) % len(shape)] == 1]
-            if not axes:
-                return a0
-            return self.op("Squeeze", [a0, self.const_i64(axes)], name=node.name)
-        raise _Unsupported("no ONNX form in mpqkit's exporter")
+        if handler is None:
+            raise _Unsupported("no ONNX form in mpqkit's exporter")
+        return handler.method(self, call)
+
+    @_handles("add", "sub", "mul", "div", "floordiv", tensor_input=False)
+    def _fn_arith(self, c: _Call) -> Any:
+        other = c.arg(1, "other")
+        if c.name in ("add", "sub") and c.arg(2, "alpha", 1) != 1:
+            raise _Unsupported("alpha != 1")
+        if not isinstance(c.a0, str) and not isinstance(other, str):
+            return self.dyn_arith(c.name, c.a0, other)
+        if c.name == "floordiv":
+            raise _Unsupported("floor division of tensors")
+        onnx_op = {"add": "Add", "sub": "Sub", "mul": "Mul", "div": "Div"}[c.name]
+        return self.op(onnx_op, [self.tensor_or_const(c.a0), self.tensor_or_const(other)],
+                       name=c.node.name)
+
+    @_handles("identity", tensor_input=False)
+    def _fn_identity(self, c: _Call) -> Any:
+        return c.a0
+
+    @_handles("getattr", tensor_input=False)
+    def _fn_getattr(self, c: _Call) -> Any:
+        if isinstance(c.a0, str) and c.args[1] == "shape":
+            return self.size_of(c.src, None)
+        raise _Unsupported(f"attribute {c.args[1]!r} of a tensor")
+
+    @_handles("size", tensor_input=False)
+    def _fn_size(self, c: _Call) -> Any:
+        return self.size_of(c.src, c.arg(1, "dim"))
+
+    @_handles("getitem", tensor_input=False)
+    def _fn_getitem(self, c: _Call) -> Any:
+        if isinstance(c.a0, str):
+            return self.getitem(c.src, c.a0, c.args[1], c.node.name)
+        if isinstance(c.a0, tuple | list):
+            return c.a0[c.args[1]]
+        raise _Unsupported("indexing a non-tensor value")
+
+    @_handles("relu")
+    def _fn_relu(self, c: _Call) -> str:
+        return self.op("Relu", [c.a0], name=c.node.name)
+
+    @_handles("relu6")
+    def _fn_relu6(self, c: _Call) -> str:
+        return self.clip(c.a0, 0.0, 6.0, c.node.name)
+
+    @_handles("hardtanh")
+    def _fn_hardtanh(self, c: _Call) -> str:
+        return self.clip(c.a0, c.arg(1, "min_val", -1.0), c.arg(2, "max_val", 1.0), c.node.name)
+
+    @_handles("leaky_relu")
+    def _fn_leaky_relu(self, c: _Call) -> str:
+        return self.op("LeakyRelu", [c.a0], name=c.node.name,
+                       alpha=float(c.arg(1, "negative_slope", 0.01)))
+
+    @_handles("sigmoid", "tanh")
+    def _fn_sigmoid_tanh(self, c: _Call) -> str:
+        return self.op(c.name.capitalize(), [c.a0], name=c.node.name)
+
+    @_handles("silu")
+    def _fn_silu(self, c: _Call) -> str:
+        return self.op("Mul", [c.a0, self.op("Sigmoid", [c.a0])], name=c.node.name)
+
+    @_handles("hardswish")
+    def _fn_hardswish(self, c: _Call) -> str:
+        return self.hardswish(c.a0, c.node.name)
+
+    @_handles("hardsigmoid")
+    def _fn_hardsigmoid(self, c: _Call) -> str:
+        return self.op("HardSigmoid", [c.a0], name=c.node.name, alpha=1.0 / 6, beta=0.5)
+
+    @_handles("gelu")
+    def _fn_gelu(self, c: _Call) -> str:
+        return self.gelu(c.a0, c.arg(1, "approximate", "none"), c.node.name)
+
+    @_handles("softmax")
+    def _fn_softmax(self, c: _Call) -> str:
+        return self.op("Softmax", [c.a0], name=c.node.name,
+                       axis=self.axis(c.src, c.arg(1, "dim")))
+
+    @_handles("flatten")
+    def _fn_flatten(self, c: _Call) -> str:
+        return self.flatten(c.src, c.a0, c.arg(1, "start_dim", 0), c.arg(2, "end_dim", -1),
+                            c.node.name)
+
+    @_handles("adaptive_avg_pool2d")
+    def _fn_adaptive_avg_pool2d(self, c: _Call) -> str:
+        return self.adaptive_avg(c.src, c.a0, c.arg(1, "output_size"), c.node.name)
+
+    @_handles("max_pool2d")
+    def _fn_max_pool2d(self, c: _Call) -> str:
+        kernel, stride = c.arg(1, "kernel_size"), c.arg(2, "stride")
+        padding = c.arg(3, "padding", 0)
+        if c.arg(6, "return_indices", False):
+            raise _Unsupported("return_indices=True")
+        return self.pool("MaxPool", c.a0, kernel, stride, padding, c.arg(5, "ceil_mode", False),
+                         c.node.name, dilation=c.arg(4, "dilation", 1))
+
+    @_handles("avg_pool2d")
+    def _fn_avg_pool2d(self, c: _Call) -> str:
+        kernel, stride = c.arg(1, "kernel_size"), c.arg(2, "stride")
+        padding = c.arg(3, "padding", 0)
+        if c.arg(6, "divisor_override"):
+            raise _Unsupported("divisor_override")
+        return self.pool("AveragePool", c.a0, kernel, stride, padding,
+                         c.arg(4, "ceil_mode", False), c.node.name,
+                         count_include_pad=c.arg(5, "count_include_pad", True))
+
+    @_handles("pad")
+    def _fn_pad(self, c: _Call) -> str:
+        return self.pad(c.src, c.a0, c.arg(1, "pad"), c.arg(2, "mode", "constant"),
+                        c.arg(3, "value", None), c.node.name)
+
+    @_handles("cat", tensor_input=False)
+    def _fn_cat(self, c: _Call) -> str:
+        tensors = c.arg(0, "tensors")
+        if not all(isinstance(t, str) for t in tensors):
+            raise _Unsupported("concatenating non-tensors")
+        dim = c.arg(1, "dim", 0)
+        return self.op("Concat", list(tensors), name=c.node.name,
+                       axis=self.axis(c.node.args[0][0], dim))
+
+    @_handles("mean")
+    def _fn_mean(self, c: _Call) -> str:
+        dim = c.arg(1, "dim")
+        keep = bool(c.arg(2, "keepdim", False))
+        rank = len(self.shape(c.src))
+        dims = list(range(rank)) if dim is None else ([dim] if isinstance(dim, int) else list(dim))
+        axes = [int(d) % rank for d in dims]
+        if self.opset >= 18:
+            return self.op("ReduceMean", [c.a0, self.const_i64(axes)], name=c.node.name,
+                           keepdims=int(keep))
+        return self.op("ReduceMean", [c.a0], name=c.node.name, axes=axes, keepdims=int(keep))
+
+    @_handles("reshape")
+    def _fn_reshape(self, c: _Call) -> str:
+        shape = list(c.args[1:])
+        if len(shape) == 1 and isinstance(shape[0], tuple | list):
+            shape = list(shape[0])
+        if "shape" in c.kwargs:
+            shape = list(c.kwargs["shape"])
+        return self.op("Reshape", [c.a0, self.shape_tensor(shape)], name=c.node.name)
+
+    @_handles("permute")
+    def _fn_permute(self, c: _Call) -> str:
+        dims = list(c.args[1:])
+        if len(dims) == 1 and isinstance(dims[0], tuple | list):
+            dims = list(dims[0])
+        if "dims" in c.kwargs:
+            dims = list(c.kwargs["dims"])
+        rank = len(self.shape(c.src))
+        return self.op("Transpose", [c.a0], name=c.node.name, perm=[int(d) % rank for d in dims])
+
+    @_handles("transpose")
+    def _fn_transpose(self, c: _Call) -> str:
+        rank = len(self.shape(c.src))
+        d0 = int(c.arg(1, "dim0")) % rank
+        d1 = int(c.arg(2, "dim1")) % rank
+        perm = list(range(rank))
+        perm[d0], perm[d1] = perm[d1], perm[d0]
+        return self.op("Transpose", [c.a0], name=c.node.name, perm=perm)
+
+    @_handles("unsqueeze")
+    def _fn_unsqueeze(self, c: _Call) -> str:
+        rank = len(self.shape(c.src)) + 1
+        d = int(c.arg(1, "dim")) % rank
+        return self.op("Unsqueeze", [c.a0, self.const_i64([d])], name=c.node.name)
+
+    @_handles("squeeze")
+    def _fn_squeeze(self, c: _Call) -> str:
+        shape = self.shape(c.src)
+        dim = c.arg(1, "dim")
+        dims = [i for i, s in enumerate(shape) if s == 1 and i > 0] if dim is None else (
+            [dim] if isinstance(dim, int) else list(dim))
+        axes = [int(d) % len(shape) for d in dims if shape[int(d) % len(shape)] == 1]
+        if not axes:
+            return c.a0
+        return self.op("Squeeze", [c.a0, self.const_i64(axes)], name=c.node.name)
 
     def size_of(self, src: Any, dim: int | None) -> Any:
         shape = self.shape(src)

@@ -98,10 +98,6 @@ def unpack_bits(data: bytes, bits: int, count: int, signed: bool = True) -> np.n
     return u.astype(np.int32)
 
 
-def packed_nbytes(count: int, bits: int) -> int:
-    return math.ceil(count * bits / 8)
-
-
 # ----------------------------------------------------------------------------------------------
 # the integers a layer's weight quantizer produces
 # ----------------------------------------------------------------------------------------------
@@ -174,6 +170,88 @@ def _dtype_name(t: Tensor) -> str:
     return str(t.dtype).removeprefix("torch.")
 
 
+def _check_packed_meta(meta: Mapping[str, Any]) -> None:
+    if not meta.get("policy"):
+        raise ExportError("the checkpoint has no policy (a full-precision model): the packed "
+                          "format stores quantized weights; pass a QAT checkpoint "
+                          "(mpqkit finetune), or use --format onnx --fp for the float model")
+    for key in ("model", "num_classes"):
+        if key not in meta:
+            raise ExportError(f"checkpoint metadata lacks {key!r}: pass a checkpoint written by "
+                              "mpqkit finetune")
+
+
+class _DataSection:
+    """The tensors' header entries and their bytes, back to back in the data section."""
+
+    def __init__(self) -> None:
+        self.entries: list[dict[str, Any]] = []
+        self.chunks: list[bytes] = []
+        self.offset = 0
+
+    def add(self, entry: dict[str, Any], data: bytes) -> None:
+        entry.update(offset=self.offset, nbytes=len(data))
+        self.entries.append(entry)
+        self.chunks.append(data)
+        self.offset += len(data)
+
+
+def _layer_info(layer: QuantMixin) -> dict[str, Any]:
+    info: dict[str, Any] = {"w_bits": layer.w_bits, "a_bits": layer.a_bits}
+    if layer.aq.enabled:
+        info["a_range"] = list(layer.aq.int_range())
+    return info
+
+
+def _add_packed_weight(section: _DataSection, name: str, key: str, layer: QuantMixin) -> None:
+    """Add the weight integers of ``layer`` (and the max-abs range), checked to reload exactly."""
+    q, scale, qmin, qmax = weight_integers(layer)
+    wq = layer.wq
+    amax = None
+    if isinstance(wq, MaxAbsQuantizer) and not isinstance(wq, DoReFaQuantizer):
+        amax = wq._amax(layer.weight.detach().float()).reshape(-1).float()
+    rec = _reconstruct_weight(wq, q, scale, amax, tuple(layer.weight.shape))
+    with torch.no_grad():
+        same = torch.equal(wq(rec), wq(layer.weight.detach().float()))
+    if not same:
+        raise ExportError(f"layer {name!r}: the packed weights would not reproduce the "
+                          "model bit for bit (unsupported weight quantizer state)")
+    bits = layer.w_bits
+    section.add({"name": key, "enc": "int", "bits": bits, "shape": list(layer.weight.shape),
+                 "qmin": qmin, "qmax": qmax, "method": wq.method,
+                 "per_channel": wq.per_channel}, pack_bits(q, bits))
+    if amax is not None:
+        section.add({"name": f"{key}::amax", "enc": "raw", "dtype": "float32",
+                     "shape": list(amax.shape)}, amax.numpy().tobytes())
+
+
+def _add_quantized_layers(section: _DataSection, qlayers: Mapping[str, QuantMixin]
+                          ) -> tuple[dict[str, dict[str, Any]], set[str]]:
+    """Add the packed weights of ``qlayers``; returns the per-layer info and the packed keys."""
+    layers_info: dict[str, dict[str, Any]] = {}
+    packed_keys: set[str] = set()
+    for name, layer in qlayers.items():
+        check_calibrated(name, layer)
+        key = f"{name}.weight" if name else "weight"
+        layers_info[name] = _layer_info(layer)
+        if not layer.wq.enabled:
+            continue
+        _add_packed_weight(section, name, key, layer)
+        packed_keys.add(key)
+    return layers_info, packed_keys
+
+
+def _add_raw_tensors(section: _DataSection, state: Mapping[str, Tensor],
+                     skip: set[str]) -> None:
+    """Add every state-dict tensor not in ``skip`` as its raw bytes in its own dtype."""
+    for key, t in state.items():
+        if key in skip:
+            continue
+        t = t.detach().cpu().contiguous()
+        section.add({"name": key, "enc": "raw", "dtype": _dtype_name(t), "shape": list(t.shape)},
+                    t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
 def save_packed(model: nn.Module, path: str | Path, meta: Mapping[str, Any]) -> dict[str, Any]:
     """Write ``model`` (a quantized model) as a packed integer checkpoint.
 
@@ -183,78 +261,27 @@ def save_packed(model: nn.Module, path: str | Path, meta: Mapping[str, Any]) -> 
     """
     from mpqkit import __version__
 
-    if not meta.get("policy"):
-        raise ExportError("the checkpoint has no policy (a full-precision model): the packed "
-                          "format stores quantized weights; pass a QAT checkpoint "
-                          "(mpqkit finetune), or use --format onnx --fp for the float model")
-    for key in ("model", "num_classes"):
-        if key not in meta:
-            raise ExportError(f"checkpoint metadata lacks {key!r}: pass a checkpoint written by "
-                              "mpqkit finetune")
+    _check_packed_meta(meta)
     was_training = model.training
     model.eval()
     qlayers = {n: m for n, m in model.named_modules() if isinstance(m, QuantMixin)}
     if not qlayers:
         raise ExportError("the model has no quantized layer: pass a QAT checkpoint")
     state = model.state_dict()
-    entries: list[dict[str, Any]] = []
-    chunks: list[bytes] = []
-    offset = 0
-    layers_info: dict[str, dict[str, Any]] = {}
-
-    def add(entry: dict[str, Any], data: bytes) -> None:
-        nonlocal offset
-        entry.update(offset=offset, nbytes=len(data))
-        entries.append(entry)
-        chunks.append(data)
-        offset += len(data)
-
-    packed_keys: set[str] = set()
+    section = _DataSection()
     try:
-        for name, layer in qlayers.items():
-            check_calibrated(name, layer)
-            key = f"{name}.weight" if name else "weight"
-            info: dict[str, Any] = {"w_bits": layer.w_bits, "a_bits": layer.a_bits}
-            if layer.aq.enabled:
-                info["a_range"] = list(layer.aq.int_range())
-            layers_info[name] = info
-            if not layer.wq.enabled:
-                continue
-            q, scale, qmin, qmax = weight_integers(layer)
-            wq = layer.wq
-            amax = None
-            if isinstance(wq, MaxAbsQuantizer) and not isinstance(wq, DoReFaQuantizer):
-                amax = wq._amax(layer.weight.detach().float()).reshape(-1).float()
-            rec = _reconstruct_weight(wq, q, scale, amax, tuple(layer.weight.shape))
-            with torch.no_grad():
-                same = torch.equal(wq(rec), wq(layer.weight.detach().float()))
-            if not same:
-                raise ExportError(f"layer {name!r}: the packed weights would not reproduce the "
-                                  "model bit for bit (unsupported weight quantizer state)")
-            bits = layer.w_bits
-            add({"name": key, "enc": "int", "bits": bits, "shape": list(layer.weight.shape),
-                 "qmin": qmin, "qmax": qmax, "method": wq.method,
-                 "per_channel": wq.per_channel}, pack_bits(q, bits))
-            packed_keys.add(key)
-            if amax is not None:
-                add({"name": f"{key}::amax", "enc": "raw", "dtype": "float32",
-                     "shape": list(amax.shape)}, amax.numpy().tobytes())
-        for key, t in state.items():
-            if key in packed_keys:
-                continue
-            t = t.detach().cpu().contiguous()
-            add({"name": key, "enc": "raw", "dtype": _dtype_name(t), "shape": list(t.shape)},
-                t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        layers_info, packed_keys = _add_quantized_layers(section, qlayers)
+        _add_raw_tensors(section, state, packed_keys)
     finally:
         model.train(was_training)
-    data = b"".join(chunks)
+    data = b"".join(section.chunks)
     header = {
         "format": FORMAT, "version": VERSION, "mpqkit": __version__,
         "model": meta["model"], "num_classes": int(meta["num_classes"]),
         "input_size": meta.get("input_size"), "dataset": meta.get("dataset"),
         "mean": meta.get("mean"), "std": meta.get("std"),
         "policy": meta["policy"], "quant": meta.get("quant") or {},
-        "layers": layers_info, "tensors": entries, "data_bytes": len(data),
+        "layers": layers_info, "tensors": section.entries, "data_bytes": len(data),
         "crc32": zlib.crc32(data),
     }
     hbytes = zlib.compress(json.dumps(header, separators=(",", ":")).encode(), 9)

@@ -468,6 +468,34 @@ class SharpnessAware(Optimizer):
         entries, grads = self._entries, self._g
         device = entries[0][0].device
         stat_dtype = _stat_dtype(entries)
+        dot_p, adv2_p, dot_all, adv2_all = self._adv_grad_dots(entries, grads, scale, stat_dtype)
+        dot_p_t = _sum(dot_p, device, stat_dtype)
+        adv2_p_t = _sum(adv2_p, device, stat_dtype)
+        self._combine(entries, grads, dot_all, adv2_all, device, stat_dtype)
+        if before_update is not None:
+            with torch.enable_grad():
+                before_update()
+        all_grads = [p.grad for group in self.param_groups for p in group["params"]]
+        loss_v, loss_adv_v, dot_pv, adv2_pv, finite_v = self._reduce_summary(
+            all_grads, loss_adv_value, dot_p_t, adv2_p_t, device, stat_dtype
+        )
+        finite = finite_v > 0.5 and math.isfinite(self._grad_norm)
+        self._base_step(scaler, scale, all_grads, finite)
+        h = loss_adv_v - loss_v
+        rho_used = self._rho_used
+        self._update_rho(finite, h)
+        self.stats = self._step_stats(rho_used, h, loss_v, loss_adv_v, dot_pv, adv2_pv, finite)
+        self._clear_pass()
+        return self.stats
+
+    def _adv_grad_dots(
+        self,
+        entries: list[tuple[Tensor, bool]],
+        grads: dict[Tensor, Tensor],
+        scale: float,
+        stat_dtype: torch.dtype,
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+        """Unscale the pass-2 grads; ``<g, g_adv>`` and ``||g_adv||^2`` terms (perturbed, all)."""
         dot_p: list[Tensor] = []
         adv2_p: list[Tensor] = []
         dot_all: list[Tensor] = []
@@ -494,8 +522,18 @@ class SharpnessAware(Optimizer):
                 adv2_p.append(sq)
                 if dot is not None:
                     dot_p.append(dot)
-        dot_p_t = _sum(dot_p, device, stat_dtype)
-        adv2_p_t = _sum(adv2_p, device, stat_dtype)
+        return dot_p, adv2_p, dot_all, adv2_all
+
+    def _combine(
+        self,
+        entries: list[tuple[Tensor, bool]],
+        grads: dict[Tensor, Tensor],
+        dot_all: list[Tensor],
+        adv2_all: list[Tensor],
+        device: torch.device,
+        stat_dtype: torch.dtype,
+    ) -> None:
+        """Set the grads to the update direction of :attr:`update` (``"adv"``: left as is)."""
         if self.update == "gsam":
             dot_all_t = _sum(dot_all, device, stat_dtype)
             adv2_all_t = _sum(adv2_all, device, stat_dtype)
@@ -504,10 +542,21 @@ class SharpnessAware(Optimizer):
             self._combine_gsam(entries, grads, proj)
         elif self.update == "mean":
             self._combine_mean(entries, grads)
-        if before_update is not None:
-            with torch.enable_grad():
-                before_update()
-        all_grads = [p.grad for group in self.param_groups for p in group["params"]]
+
+    def _reduce_summary(
+        self,
+        all_grads: list[Tensor | None],
+        loss_adv_value: Tensor | float,
+        dot_p_t: Tensor,
+        adv2_p_t: Tensor,
+        device: torch.device,
+        stat_dtype: torch.dtype,
+    ) -> list[float]:
+        """``[loss, loss_adv, <g, g_adv>, ||g_adv||^2, finite]`` in one transfer to the host.
+
+        The losses are averaged over ranks when distributed; ``finite`` is 1.0 when every grad
+        is finite.
+        """
         flags = [torch.isfinite(g).all().to(device) for g in all_grads if g is not None]
         finite_t = torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool)
         losses = torch.stack(
@@ -518,9 +567,16 @@ class SharpnessAware(Optimizer):
             losses = losses / self._world()
         summary = [losses, dot_p_t.reshape(1), adv2_p_t.reshape(1)]
         summary.append(finite_t.to(device, stat_dtype).reshape(1))
-        loss_v, loss_adv_v, dot_pv, adv2_pv, finite_v = torch.cat(summary).tolist()
-        finite = finite_v > 0.5 and math.isfinite(self._grad_norm)
+        return torch.cat(summary).tolist()
 
+    def _base_step(
+        self,
+        scaler: GradScalerLike | None,
+        scale: float,
+        all_grads: list[Tensor | None],
+        finite: bool,
+    ) -> None:
+        """The base optimizer's step: through ``scaler`` (grads rescaled), else if finite."""
         if scaler is not None and getattr(scaler, "is_enabled", lambda: True)():
             if scale != 1.0:
                 for g in all_grads:
@@ -531,8 +587,8 @@ class SharpnessAware(Optimizer):
             self.base_optimizer.step()
         self._opt_called = True  # tells an LR scheduler attached to the wrapper that we stepped
 
-        h = loss_adv_v - loss_v
-        rho_used = self._rho_used
+    def _update_rho(self, finite: bool, h: float) -> None:
+        """Count the step; on a finite step smooth the gap ``h`` and adapt the next radius."""
         if finite:
             self._steps += 1
             if math.isfinite(h):
@@ -545,9 +601,20 @@ class SharpnessAware(Optimizer):
                     self.rho = min(max(math.log1p(self._h_smooth), self.rho_min), self.rho_max)
         else:
             self._skipped_steps += 1
+
+    def _step_stats(
+        self,
+        rho_used: float,
+        h: float,
+        loss_v: float,
+        loss_adv_v: float,
+        dot_pv: float,
+        adv2_pv: float,
+        finite: bool,
+    ) -> dict[str, float]:
         g2 = self._grad_norm**2
         denom = math.sqrt(g2 * adv2_pv) if g2 * adv2_pv > 0 else 0.0
-        self.stats = {
+        return {
             "rho": rho_used,
             "rho_next": self.rho,
             "h": h,
@@ -561,8 +628,6 @@ class SharpnessAware(Optimizer):
             "step": float(self._steps),
             "skipped_steps": float(self._skipped_steps),
         }
-        self._clear_pass()
-        return self.stats
 
     @staticmethod
     def _combine_mean(entries: list[tuple[Tensor, bool]], grads: dict[Tensor, Tensor]) -> None:

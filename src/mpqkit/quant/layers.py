@@ -100,9 +100,6 @@ class QuantMixin:
     def a_bits(self) -> int:
         return self.aq.bits
 
-    def quantized_weight(self) -> Tensor:
-        return self.wq(self.weight)
-
     @classmethod
     def from_float(cls, module: nn.Module, w_bits: int, a_bits: int,
                    config: QuantConfig | None = None) -> nn.Module:
