@@ -12,14 +12,9 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = "mpqkit"
 
-# The one cycle known today: engine.trainer imports search.loop inside load_checkpoint_model.
-# Removed by the run-engine refactor: delete this constant and its use in the test below then.
-KNOWN_CYCLE = {"mpqkit.engine.trainer", "mpqkit.search.loop"}
 
 
 def _module_name(path: Path) -> str:
@@ -133,6 +128,4 @@ def test_no_import_cycle() -> None:
     graph = import_graph()
     cycles = find_cycles(graph)
     msg = "\n".join("import cycle: " + " -> ".join(_cycle_path(graph, c)) for c in cycles)
-    if cycles and all(set(c) == KNOWN_CYCLE for c in cycles):
-        pytest.xfail(f"known cycle, removed by the run-engine refactor:\n{msg}")
     assert not cycles, msg

@@ -11,7 +11,7 @@ from mpqkit.complexity import parse_budget, profile_model
 from mpqkit.errors import PolicyError
 from mpqkit.models import build_model
 from mpqkit.policy import Policy, first_last_layers
-from mpqkit.search.baselines import random_bits
+from mpqkit.search import random_bits
 from mpqkit.transfer import transfer_policy
 
 C = (2, 3, 4, 6)

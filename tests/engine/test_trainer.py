@@ -30,7 +30,11 @@ def test_train_finetune_eval(tiny_folder, tmp_path):
         assert (run / name).is_file(), name
     rows = list(csv.DictReader((run / "metrics.csv").open()))
     assert [r["epoch"] for r in rows] == ["1", "2"]
-    assert 0 <= res.final_acc <= 100
+    accs = [float(r["eval_acc"]) for r in rows]
+    assert res.final_acc == pytest.approx(accs[-1]) and res.best_acc == pytest.approx(max(accs))
+    assert res.best_epoch == accs.index(max(accs)) + 1
+    best = json.loads((run / "best.json").read_text())
+    assert best["epoch"] == res.best_epoch
     cfg_back = load_config(RunConfig, run / "config.yaml")
     assert cfg_back.epochs == 2 and cfg_back.data.batch_size == 8
 
@@ -83,3 +87,29 @@ def test_checkpoint_files_follow_the_umask_not_0600(tmp_path):
     # safetensors itself creates 0600 files; the run folder's files get 0666 less the umask
     assert stat.S_IMODE(st.stat().st_mode) == runio._MODE
     assert stat.S_IMODE(st.with_suffix(".json").stat().st_mode) == runio._MODE
+
+
+def test_finetune_with_asga_as_an_optimizer_choice(tiny_folder, tmp_path):
+    fp = train(tiny_cfg(tiny_folder, tmp_path / "fp", epochs=1))
+    cfg = tiny_cfg(tiny_folder, tmp_path / "asga", epochs=1, policy="w4a4",
+                   weights=str(fp.run_dir / "best.safetensors"))
+    cfg.optim.optimizer = "asga"
+    cfg.optim.__post_init__()
+    res = finetune(cfg)
+    last = json.loads((res.run_dir / "last.json").read_text())
+    sa = last["extra_state"]["sharpness_aware"]
+    assert sa["steps"] == 4 and cfg.optim.rho_min <= sa["rho"] <= cfg.optim.rho_max
+    assert "ASGA(SGD)" in (res.run_dir / "log.txt").read_text()
+    saved = load_config(RunConfig, res.run_dir / "config.yaml")
+    assert saved.optim.sharpness == "asga" and saved.optim.optimizer == "sgd"
+
+
+def test_unknown_checkpoint_kind_is_refused(tmp_path):
+    from mpqkit.engine.checkpoint import save_checkpoint
+    from mpqkit.errors import CheckpointError
+    from mpqkit.models import build_model
+
+    save_checkpoint(tmp_path / "c", build_model("resnet20"),
+                    {"model": "resnet20", "num_classes": 10, "kind": "hypernet"})
+    with pytest.raises(CheckpointError, match="kind 'hypernet'.*known: model, supernet"):
+        load_checkpoint_model(tmp_path / "c.safetensors")

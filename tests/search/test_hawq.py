@@ -8,7 +8,7 @@ from torch import nn
 
 from mpqkit.complexity import parse_budget, policy_cost, profile_model
 from mpqkit.policy import first_last_layers
-from mpqkit.search.hawq import (
+from mpqkit.search.methods.hawq import (
     CACHE_FILE,
     hawq_search,
     hutchinson_trace,
@@ -109,12 +109,12 @@ def test_hawq_search_lands_in_band_and_caches(tmp_path):
 
 def test_hawq_plugs_into_search(tiny_folder, tmp_path):
     from mpqkit.data import DataConfig
-    from mpqkit.search.loop import SearchConfig, search
+    from mpqkit.search import SearchConfig, search
 
-    cfg = SearchConfig(model="resnet20", method="hawq", budget="w4a4", hawq_batches=1,
-                       hawq_iters=1, teacher_epochs=1, max_steps_per_epoch=1,
+    cfg = SearchConfig(model="resnet20", method="hawq", budget="w4a4", max_steps_per_epoch=1,
                        out=str(tmp_path / "run"), progress=False,
-                       options={"hawq_batch_size": 4},
+                       options={"hawq_batch_size": 4, "hawq_batches": 1, "hawq_iters": 1,
+                                "teacher_epochs": 1},
                        data=DataConfig(name=f"imagefolder:{tiny_folder}", batch_size=8,
                                        cache_dir=str(tmp_path / "cache")))
     res = search(cfg)

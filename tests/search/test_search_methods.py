@@ -26,7 +26,8 @@ from mpqkit.search import (
     register_method,
     search,
 )
-from mpqkit.search.methods import attribution_loss, gradcam, margin_loss
+from mpqkit.search.methods.gmpq import attribution_loss, gradcam
+from mpqkit.search.methods.seam import margin_loss
 
 METHODS = ("asga", "edmips", "gmpq", "seam")
 
@@ -55,26 +56,42 @@ def teacher_box() -> dict[str, str]:
 
 def tiny(folder: Path, out: Path, **kw) -> SearchConfig:  # type: ignore[no-untyped-def]
     base = dict(model="resnet20", epochs=1, max_steps_per_epoch=2, out=str(out), overwrite=True,
-                progress=False, teacher_epochs=1, device="cpu",
+                progress=False, device="cpu",
                 data=DataConfig(name=f"imagefolder:{folder}", batch_size=16,
                                 cache_dir=str(folder.parent / "cache")))
     base.update(kw)
+    if base.get("method") == "gmpq":
+        base["options"] = {"teacher_epochs": 1, **base.get("options", {})}
     return SearchConfig(**base)  # type: ignore[arg-type]
 
 
 def _check_band(result, kind: str) -> float:  # type: ignore[no-untyped-def]
+    """The policy is in the band, and the record of the search and the repair is true.
+
+    The band alone holds whatever the search did (the repair moves any policy there); the
+    provenance must say what the search chose (``argmax_bits``) and exactly which layers the
+    repair changed, with the costs before and after.
+    """
     pol = result.policy
     pol.validate(build_model("resnet20"))
     cost = policy_cost(pol.layer_infos(), pol.bits(), kind)
     assert 0.98 * result.budget.value - 1e-9 <= cost <= result.budget.value + 1e-9
     assert result.budget.kind == kind
+    prov = pol.provenance
+    searched = {n: tuple(b) for n, b in prov["argmax_bits"].items()}
+    assert searched == {n: tuple(b) for n, b in result.argmax_bits.items()}
+    changed = sorted(n for n in searched if searched[n] != pol.bits()[n])
+    assert changed == sorted(prov["repair"]["changed_layers"]) == sorted(result.repaired_layers)
+    assert prov["repair"]["cost_before"] == pytest.approx(
+        policy_cost(pol.layer_infos(), searched, kind))
+    assert prov["repair"]["cost_after"] == pytest.approx(cost)
     return cost
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_methods_land_in_the_budget_band(method, folder, tmp_path, teacher_box):
     # bitops budget (same BitOps as uniform w3a3)
-    kw = {"teacher": teacher_box.get("path")} if method == "gmpq" else {}
+    kw = {"options": {"teacher": teacher_box.get("path")}} if method == "gmpq" else {}
     res = search(tiny(folder, tmp_path / "bitops", method=method, budget="w3a3", **kw))
     _check_band(res, "bitops")
     run = res.run_dir
@@ -89,9 +106,11 @@ def test_methods_land_in_the_budget_band(method, folder, tmp_path, teacher_box):
     assert cost["steps"] == 2 and cost["forward_passes"] == 2 * passes
     assert cost["images_processed"] == 32 * passes and prov["wall_time_s"] > 0
     rows = list(csv.DictReader((run / "search.csv").open()))
-    # lambda follows the argmax cost (all-minimum bits at uniform logits, then whatever the
-    # logits pick): a valid multiplier; the update rule itself is tested on DualLambda below
-    assert len(rows) == 1 and float(rows[0]["lambda"]) >= 0
+    # the CSV and the policy record the same multiplier (its update rule is tested on
+    # DualLambda below) and the same decidedness
+    assert len(rows) == 1
+    assert float(rows[0]["lambda"]) == pytest.approx(prov["dual"]["lambda_final"])
+    assert float(rows[0]["decidedness"]) == pytest.approx(prov["decidedness_mean"])
     if method == "asga":
         assert rows[0]["rho"] and rows[0]["h"] and rows[0]["cos"]
         assert prov["optimizer"]["sharpness"] == "ASGA"
@@ -103,7 +122,7 @@ def test_methods_land_in_the_budget_band(method, folder, tmp_path, teacher_box):
     if method == "seam":
         assert rows[0]["extra_loss"]
     # size budget
-    kw = {"teacher": teacher_box.get("path")} if method == "gmpq" else {}
+    kw = {"options": {"teacher": teacher_box.get("path")}} if method == "gmpq" else {}
     res = search(tiny(folder, tmp_path / "size", method=method, budget_size_mb=0.08, **kw))
     _check_band(res, "size_mb")
     if method == "gmpq":
@@ -178,7 +197,7 @@ def test_registered_policy_method_gets_context_and_is_repaired(folder, tmp_path)
         bits = {n: ctx.fixed_bits.get(n, (6, 6)) for n in ctx.infos}
         return MethodResult(bits, {"note": "max bits", "passes": 0})
 
-    register_method("test-max", all_max, description="test")
+    register_method("test-max", description="test")(all_max)
     fp = build_model("resnet20", num_classes=4)
     save_checkpoint(tmp_path / "fp", fp, {"model": "resnet20", "num_classes": 4})
     res = search(tiny(folder, tmp_path / "m", method="test-max", budget="w3a3",

@@ -1,16 +1,41 @@
-"""Training, fine-tuning, evaluation, checkpoints and distributed set-up."""
+"""The run engine: one lifecycle for training, fine-tuning and search; checkpoints; DDP set-up.
 
-from mpqkit.engine.checkpoint import read_checkpoint, save_checkpoint
-from mpqkit.engine.config import OptimConfig, RunConfig, from_dict, load_config, write_yaml
+* :mod:`mpqkit.engine.run`: the run folder, resume, metrics, best/last checkpoints, the epoch loop;
+* :mod:`mpqkit.engine.checkpoint`: checkpoint files and :func:`load_checkpoint_model`;
+* :mod:`mpqkit.engine.trainer`: ``train``, ``finetune``, ``evaluate``;
+* :mod:`mpqkit.engine.config`: config dataclasses, YAML and flags;
+* :mod:`mpqkit.engine.distributed`: rank/world from the environment (torchrun), one process
+  needing no launcher.
+"""
+
+from mpqkit.engine.checkpoint import (
+    check_classes,
+    load_checkpoint_model,
+    read_checkpoint,
+    register_checkpoint_builder,
+    save_checkpoint,
+)
+from mpqkit.engine.config import (
+    RunConfig,
+    from_dict,
+    load_config,
+    load_run_config,
+    to_dict,
+    write_yaml,
+)
+from mpqkit.engine.run import EpochStats, LoopState, Run, RunFiles, StepOut, Task, fit
 from mpqkit.engine.trainer import (
     RunResult,
     evaluate,
     evaluate_model,
     finetune,
-    load_checkpoint_model,
+    load_weights,
+    resolve_weights,
     train,
 )
 
-__all__ = ["OptimConfig", "RunConfig", "RunResult", "evaluate", "evaluate_model", "finetune",
-           "from_dict", "load_checkpoint_model", "load_config", "read_checkpoint",
-           "save_checkpoint", "train", "write_yaml"]
+__all__ = ["EpochStats", "LoopState", "Run", "RunConfig", "RunFiles", "RunResult", "StepOut",
+           "Task", "check_classes", "evaluate", "evaluate_model", "finetune", "fit", "from_dict",
+           "load_checkpoint_model", "load_config", "load_run_config", "load_weights",
+           "read_checkpoint", "register_checkpoint_builder", "resolve_weights", "save_checkpoint",
+           "to_dict", "train", "write_yaml"]

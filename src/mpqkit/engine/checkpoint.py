@@ -5,12 +5,19 @@
 holds the model name, classes, input size, the policy (for quantized models), the quantizer
 config, epoch/step, metrics and the run config: enough to rebuild the model with no other file.
 Both are written atomically (temporary file, then rename).
+
+:func:`load_checkpoint_model` rebuilds the model a checkpoint was written from, through a table
+from the checkpoint's ``kind`` to a builder: ``model`` (full precision, or quantized with the
+policy it holds) is built here; other kinds register theirs with
+:func:`register_checkpoint_builder` (the search registers ``supernet``). :func:`check_classes`
+is the one check that a checkpoint and a dataset agree on the number of classes.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +26,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from mpqkit.engine.config import from_dict
 from mpqkit.errors import CheckpointError
+from mpqkit.models import build_model
+from mpqkit.policy import Policy
+from mpqkit.quant import QuantConfig, quantize_model
 from mpqkit.runio import atomic_write
 
 FORMAT = "mpqkit.checkpoint"
@@ -139,3 +150,63 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: Mapping[str, to
     optimizer.load_state_dict(_unflatten_optimizer(meta["optimizer"], tensors))
     if "rng/torch" in tensors:
         torch.set_rng_state(tensors["rng/torch"])
+
+
+# ----------------------------------------------------------------------------------------------
+# rebuilding the model of a checkpoint
+# ----------------------------------------------------------------------------------------------
+Builder = Callable[[Mapping[str, torch.Tensor], Mapping[str, Any], str], nn.Module]
+_BUILDERS: dict[str, Builder] = {}
+# kinds whose builder lives in a module that registers it when imported
+_BUILDER_MODULES = {"supernet": "mpqkit.search.loop"}
+
+
+def register_checkpoint_builder(kind: str, builder: Builder) -> None:
+    """Make :func:`load_checkpoint_model` rebuild checkpoints of ``kind`` with ``builder``.
+
+    ``builder(tensors, meta, source)`` returns the model with the tensors loaded.
+    """
+    _BUILDERS[kind] = builder
+
+
+def _build_plain(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any],
+                 source: str) -> nn.Module:
+    model = build_model(meta["model"], num_classes=int(meta["num_classes"]))
+    if meta.get("policy"):
+        policy = Policy.from_dict(meta["policy"], f"{source} policy")
+        qcfg = from_dict(QuantConfig, meta.get("quant") or {}, "quant")
+        model = quantize_model(model, policy, qcfg, inplace=True)
+    load_model_state(model, tensors, source)
+    return model
+
+
+register_checkpoint_builder("model", _build_plain)
+
+
+def load_checkpoint_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the (quantized) model a checkpoint was written from, with its weights, in eval.
+
+    A search run's ``last.safetensors`` gives back its supernet (e.g. to measure its sharpness).
+    """
+    tensors, meta = read_checkpoint(path)
+    if "model" not in meta:
+        raise CheckpointError(f"{path} has no mpqkit metadata (.json beside it): pass a checkpoint "
+                              "written by mpqkit train/finetune")
+    kind = str(meta.get("kind", "model"))
+    if kind not in _BUILDERS and kind in _BUILDER_MODULES:
+        importlib.import_module(_BUILDER_MODULES[kind])
+    if kind not in _BUILDERS:
+        known = ", ".join(sorted({*_BUILDERS, *_BUILDER_MODULES}))
+        raise CheckpointError(f"{path} is a checkpoint of kind {kind!r}, which this mpqkit cannot "
+                              f"rebuild (known: {known})")
+    model = _BUILDERS[kind](tensors, meta, str(path))
+    model.eval()
+    return model, meta
+
+
+def check_classes(meta: Mapping[str, Any], num_classes: int, dataset: str, checkpoint: str,
+                  fix: str) -> None:
+    """One-line error when a checkpoint's class count differs from the dataset's."""
+    if num_classes != int(meta["num_classes"]):
+        raise CheckpointError(f"{checkpoint} predicts {meta['num_classes']} classes but "
+                              f"{dataset} has {num_classes}: {fix}")

@@ -19,23 +19,10 @@ import yaml
 
 from mpqkit.data import DataConfig
 from mpqkit.errors import ConfigError
+from mpqkit.optim.factory import OptimConfig
 from mpqkit.quant.layers import QuantConfig
 
 T = TypeVar("T")
-
-
-@dataclass
-class OptimConfig:
-    """SGD with momentum and a per-step cosine (or step, or constant) learning-rate schedule."""
-
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"  # cosine | step | constant
-    warmup_epochs: float = 0.0
-    step_size: int = 30  # epochs between x0.1 decays for schedule=step
-    label_smoothing: float = 0.0
 
 
 @dataclass
@@ -112,7 +99,13 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
 
 
 def from_dict(cls: type[T], d: Mapping[str, Any], where: str = "config") -> T:
-    """Build dataclass ``cls`` from a mapping, refusing unknown keys and ill-typed values."""
+    """Build dataclass ``cls`` from a mapping, refusing unknown keys and ill-typed values.
+
+    A class may define ``migrate(d) -> d`` (a static method) to read an older layout of its keys.
+    """
+    migrate = getattr(cls, "migrate", None)
+    if migrate is not None:
+        d = migrate(dict(d))
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = [k for k in d if k not in names]
@@ -160,6 +153,26 @@ def load_config(cls: type[T], config_file: str | Path | None = None,
     if overrides:
         d = merge(d, {k: v for k, v in overrides.items() if v is not None})
     return from_dict(cls, d, str(config_file) if config_file else "config")
+
+
+def load_run_config(cls: type[T], config_file: str | Path | None = None,
+                    overrides: Mapping[str, Any] | None = None) -> T:
+    """:func:`load_config` of a run; with ``resume`` the run folder's config is the base.
+
+    ``overrides`` with ``resume`` true need ``out`` (the folder to continue): its
+    ``config.yaml`` replaces ``config_file``, and the flags given now override it.
+    """
+    over = dict(overrides or {})
+    if over.get("resume"):
+        out = over.get("out")
+        if not out:
+            raise ConfigError("--resume needs --out RUN_DIR: the folder of the run to continue")
+        saved = Path(out) / "config.yaml"
+        if not saved.is_file():
+            raise ConfigError(f"nothing to resume in {out}: it holds no config.yaml; drop "
+                              "--resume to start a new run")
+        config_file = saved
+    return load_config(cls, config_file, over)
 
 
 def write_yaml(cfg: Any, path: str | Path) -> None:

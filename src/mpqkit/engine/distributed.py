@@ -28,26 +28,30 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init_distributed(device: torch.device) -> DistInfo:
-    """Join the process group described by torchrun's environment variables, if any."""
+def world_info() -> DistInfo:
+    """Rank, world size and local rank from torchrun's environment (the only place read)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
-    rank = int(os.environ["RANK"])
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if not dist.is_initialized():
+    return DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def init_distributed(device: torch.device) -> DistInfo:
+    """Join the process group described by torchrun's environment variables, if any."""
+    info = world_info()
+    if info.enabled and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
-            torch.cuda.set_device(local)
+            torch.cuda.set_device(info.local_rank)
         dist.init_process_group(backend=backend)
-    return DistInfo(rank, world, local)
+    return info
 
 
 def resolve_device(spec: str) -> torch.device:
     """``auto`` -> the local GPU under torchrun / cuda:0 / cpu."""
     if spec == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            return torch.device("cuda", world_info().local_rank)
         return torch.device("cpu")
     return torch.device(spec)
 
@@ -64,8 +68,3 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-
-
-def cleanup() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()

@@ -2,59 +2,52 @@
 
 ``train(cfg)`` trains a full-precision model; ``finetune(cfg)`` quantizes a full-precision model
 with a policy, calibrates it and fine-tunes it (QAT); ``evaluate(checkpoint, data)`` scores any
-checkpoint either wrote. A run folder holds ``config.yaml``, ``policy.json`` (QAT), ``metrics.csv``,
-``log.txt``, ``last.*`` (resumable, refreshed every epoch and every ``save_every_min`` minutes)
-and ``best.*`` checkpoints. ``resume=True`` continues a run that was killed, mid-epoch included,
-and ends with the same weights as an uninterrupted run (same seed, CPU).
+checkpoint either wrote. Both drive the run lifecycle of :mod:`mpqkit.engine.run` (run folder,
+resume, metrics, ``best``/``last`` checkpoints) with the optimizer of
+:func:`mpqkit.optim.factory.create_optimizer` (``optim.sharpness`` adds SAM/GSAM/ASGA).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import csv
-import json
-import logging
-import math
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 from tqdm import tqdm
 
-from mpqkit import runio
 from mpqkit.complexity import profile_model
 from mpqkit.data import DataBundle, DataConfig, build_data, make_loader
 from mpqkit.engine.checkpoint import (
+    check_classes,
+    load_checkpoint_model,
     load_model_state,
     read_checkpoint,
-    restore_optimizer,
-    save_checkpoint,
 )
-from mpqkit.engine.config import RunConfig, from_dict, load_config, to_dict, write_yaml
-from mpqkit.engine.distributed import (
-    DistInfo,
-    all_reduce_sum,
-    barrier,
-    init_distributed,
-    resolve_device,
-)
-from mpqkit.errors import CheckpointError, ConfigError
+from mpqkit.engine.config import RunConfig, to_dict
+from mpqkit.engine.distributed import all_reduce_sum, barrier, resolve_device
+from mpqkit.engine.run import EpochStats, LoopState, Run, RunFiles, StepOut, fit, log, resume
+from mpqkit.errors import ConfigError
 from mpqkit.models import build_model, bundled_weights
+from mpqkit.optim.factory import StepSchedule, create_optimizer, param_groups
 from mpqkit.policy import Policy, parse_uniform
-from mpqkit.quant import QuantConfig, calibrate, quantize_model
-from mpqkit.runio import default_run_dir
+from mpqkit.quant import calibrate, quantize_model
 
-log = logging.getLogger("mpqkit")
+METRIC_FIELDS = ("epoch", "step", "lr", "train_loss", "train_acc", "eval_loss", "eval_acc",
+                 "eval_top5", "epoch_seconds", "images_per_s")
 
-METRIC_FIELDS = ["epoch", "step", "lr", "train_loss", "train_acc", "eval_loss", "eval_acc",
-                 "eval_top5", "epoch_seconds", "images_per_s"]
+
+def _files(command: str) -> RunFiles:
+    return RunFiles(command, "metrics.csv", METRIC_FIELDS,
+                    artifacts=("metrics.csv", "log.txt", "last.safetensors", "last.json",
+                               "best.safetensors", "best.json", "policy.json"))
 
 
 @dataclass
@@ -78,44 +71,27 @@ class RunResult:
         return s
 
 
-# ----------------------------------------------------------------------------------------------
-# helpers
-# ----------------------------------------------------------------------------------------------
-def setup_logging(run_dir: Path | None, is_main: bool) -> None:
-    log.handlers.clear()
-    log.setLevel(logging.INFO if is_main else logging.WARNING)
-    log.propagate = False
-    h = logging.StreamHandler(sys.stdout)
-    h.setFormatter(logging.Formatter("%(message)s"))
-    log.addHandler(h)
-    if run_dir is not None and is_main:
-        fh = logging.FileHandler(run_dir / "log.txt")
-        fh.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
-        log.addHandler(fh)
-
-
-def prepare_run_dir(cfg: RunConfig, command: str, is_main: bool) -> Path:
-    """Resolve and check the run folder; refuse to overwrite a run without ``overwrite``."""
-    run_dir = Path(cfg.out) if cfg.out else default_run_dir(command, cfg.model, cfg.data.name)
-    runio.prepare_run_dir(run_dir, resume=cfg.resume, overwrite=cfg.overwrite,
-                          resume_file="last.safetensors", create=is_main,
-                          artifacts=("metrics.csv", "log.txt", "last.safetensors", "last.json",
-                                     "best.safetensors", "best.json", "policy.json"))
-    barrier()
-    return run_dir
-
-
-def resolve_weights(cfg: RunConfig, dataset: str) -> Path | None:
-    """The FP weights to start from: a path, ``bundled``, or None."""
-    if cfg.weights in (None, "", "none"):
+def resolve_weights(weights: str | None, model: str, dataset: str) -> Path | None:
+    """The FP weights to start from: a path, ``bundled`` (by model and dataset), or None."""
+    if weights in (None, "", "none"):
         return None
-    if cfg.weights == "bundled":
-        p = bundled_weights(cfg.model, dataset)
+    if weights == "bundled":
+        p = bundled_weights(model, dataset)
         if p is None:
-            raise ConfigError(f"no bundled weights for {cfg.model} on {dataset}: train them with "
+            raise ConfigError(f"no bundled weights for {model} on {dataset}: train them with "
                               "`mpqkit train` and pass --weights RUN_DIR/best.safetensors")
         return p
-    return Path(cfg.weights)
+    return Path(weights)
+
+
+def load_weights(model: nn.Module, weights: str | None, model_name: str, dataset: str) -> str:
+    """Load the FP weights ``weights`` names into ``model``; returns ``random`` or ``fp:PATH``."""
+    path = resolve_weights(weights, model_name, dataset)
+    if path is None:
+        return "random"
+    tensors, _ = read_checkpoint(path)
+    load_model_state(model, tensors, str(path))
+    return f"fp:{path}"
 
 
 def resolve_policy(spec: str | None, model: nn.Module, input_size: int, model_name: str,
@@ -132,34 +108,6 @@ def resolve_policy(spec: str | None, model: nn.Module, input_size: int, model_na
         return policy
     w, a = parse_uniform(spec)
     return Policy.uniform(model, w, a, input_size, first_last=first_last, model_name=model_name)
-
-
-def _lr_at(cfg: RunConfig, step: int, steps_per_epoch: int) -> float:
-    o = cfg.optim
-    total = max(1, cfg.epochs * steps_per_epoch)
-    warm = int(o.warmup_epochs * steps_per_epoch)
-    if step < warm:
-        return o.lr * (step + 1) / warm
-    if o.schedule == "cosine":
-        t = (step - warm) / max(1, total - warm)
-        return 0.5 * o.lr * (1 + math.cos(math.pi * min(1.0, t)))
-    if o.schedule == "step":
-        return o.lr * (0.1 ** ((step // steps_per_epoch) // max(1, o.step_size)))
-    if o.schedule == "constant":
-        return o.lr
-    raise ConfigError(f"unknown schedule {o.schedule!r}: use cosine, step or constant")
-
-
-def build_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
-    """SGD; no weight decay on biases, BatchNorm and quantizer steps (1-D parameters)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
-                           nesterov=cfg.optim.nesterov and cfg.optim.momentum > 0)
 
 
 def autocast(device: torch.device, enabled: bool):  # type: ignore[no-untyped-def]
@@ -193,220 +141,184 @@ def evaluate_model(model: nn.Module, loader: Any, device: torch.device, amp: boo
             "n": int(n)}
 
 
-def _limited(loader: Any, limit: int | None) -> Iterator[Any]:
-    for i, b in enumerate(loader):
-        if limit is not None and i >= limit:
-            return
-        yield b
-
-
 # ----------------------------------------------------------------------------------------------
 # the run
 # ----------------------------------------------------------------------------------------------
+def _kd_loss(out: Tensor, t_out: Tensor, temp: float) -> Tensor:
+    return F.kl_div(F.log_softmax(out / temp, 1), F.softmax(t_out / temp, 1),
+                    reduction="batchmean") * temp * temp
+
+
+class _TrainTask:
+    """Supervised training of a (quantized) model: the task :func:`fit` drives."""
+
+    nonfinite_hint = "lower the learning rate (--lr)"
+
+    def __init__(self, cfg: RunConfig, run: Run, data: DataBundle, model: nn.Module,
+                 teacher: nn.Module | None, meta: dict[str, Any], steps_per_epoch: int) -> None:
+        self.cfg, self.run, self.data, self.model, self.teacher = cfg, run, data, model, teacher
+        self.name = cfg.model
+        self._meta = meta
+        self.train_model: nn.Module = model
+        if run.world.enabled:
+            dev = run.device
+            self.train_model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[dev.index] if dev.type == "cuda" else None)
+        groups = param_groups(model.parameters(), cfg.optim.lr, cfg.optim.weight_decay)
+        self.optimizer, self.sharp = create_optimizer(groups, cfg.optim, self.train_model)
+        self.schedule = StepSchedule.from_config(self.optimizer, cfg.optim, epochs=cfg.epochs,
+                                                 steps_per_epoch=steps_per_epoch)
+        self.eval_name = "val" if data.val is not None else "test"
+        self.eval_loader = make_loader(data.val if data.val is not None else data.test,
+                                       cfg.data.eval_batch_size, train=False,
+                                       workers=cfg.data.workers)
+
+    def batches(self, epoch: int, start: int) -> Iterator[tuple[Tensor, Tensor]]:
+        self.train_model.train()
+        dev = self.run.device
+        for x, y in make_loader(self.data.train, self.cfg.data.batch_size, train=True,
+                                seed=self.cfg.seed, epoch=epoch, start_batch=start,
+                                workers=self.cfg.data.workers):
+            yield x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+
+    def _loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        cfg = self.cfg
+        with autocast(self.run.device, cfg.amp):
+            out = self.train_model(x).float()
+            loss = F.cross_entropy(out, y, label_smoothing=cfg.optim.label_smoothing)
+            if self.teacher is not None:
+                with torch.no_grad():
+                    t_out = self.teacher(x).float()
+                kd = _kd_loss(out, t_out, cfg.kd_temperature)
+                loss = (1 - cfg.kd_alpha) * loss + cfg.kd_alpha * kd
+        return loss, out
+
+    def step(self, x: Tensor, y: Tensor) -> StepOut:
+        if self.sharp is None:
+            loss, out = self._loss(x, y)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            return StepOut(loss, out)
+        first: list[Tensor] = []
+
+        def closure() -> Tensor:
+            self.optimizer.zero_grad(set_to_none=True)
+            loss, out = self._loss(x, y)
+            loss.backward()
+            first.append(out)
+            return loss
+
+        loss = self.sharp.step(closure, model=self.train_model)
+        return StepOut(loss, first[0], {"rho": self.sharp.stats.get("rho", 0.0)})
+
+    def epoch_row(self, st: EpochStats) -> dict[str, Any]:
+        row: dict[str, Any] = {
+            "epoch": st.epoch, "step": st.epoch * self.schedule.steps_per_epoch,
+            "lr": self.cfg.optim.lr * st.lr_factor, "train_loss": st.loss, "train_acc": st.acc,
+            "epoch_seconds": round(st.seconds, 2),
+            "images_per_s": round(st.images / max(st.seconds, 1e-9))}
+        if st.epoch % self.cfg.eval_every == 0 or st.epoch == self.cfg.epochs:
+            ev = evaluate_model(self.model, self.eval_loader, self.run.device, self.cfg.amp,
+                                desc=self.eval_name, progress=self.run.is_main)
+            row.update(eval_loss=ev["loss"], eval_acc=ev["top1"], eval_top5=ev["top5"])
+        return row
+
+    def describe(self, row: Mapping[str, Any]) -> str:
+        return (f"train loss {row['train_loss']:.4f} acc {row['train_acc']:.2f}% | "
+                f"{self.eval_name} " + (f"acc {row['eval_acc']:.2f}% " if "eval_acc" in row
+                                        else "") + f"| {row['images_per_s']} img/s")
+
+    def postfix(self) -> dict[str, str]:
+        return {"lr": f"{self.optimizer.param_groups[0]['lr']:.4f}"}
+
+    def meta(self) -> dict[str, Any]:
+        return self._meta
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"sharpness_aware": self.sharp.state_dict()["sharpness_aware"]} if self.sharp \
+            else {}
+
+    def load_extra_state(self, ex: Mapping[str, Any]) -> None:
+        if self.sharp is not None and ex.get("sharpness_aware"):
+            self.sharp.load_state_dict({**self.sharp.state_dict(),
+                                        "sharpness_aware": ex["sharpness_aware"]})
+
+
+def _build(cfg: RunConfig, data: DataBundle, quantized: bool, device: torch.device
+           ) -> tuple[nn.Module, Policy | None, nn.Module | None]:
+    """The model to train (FP weights loaded, quantized with the policy), policy and teacher."""
+    input_size = cfg.input_size or data.input_size
+    model = build_model(cfg.model, num_classes=cfg.num_classes or data.num_classes)
+    if not cfg.resume:
+        init = load_weights(model, cfg.weights, cfg.model, data.name)
+        if quantized and init == "random":
+            raise ConfigError("finetune starts from full-precision weights: pass --weights "
+                              "RUN_DIR/best.safetensors (from mpqkit train) or --weights bundled")
+        if init != "random":
+            log.info(f"weights: {init[3:]}")
+    if not quantized:
+        return model.to(device), None, None
+    policy = resolve_policy(cfg.policy, model, input_size, cfg.model, cfg.first_last)
+    policy.provenance.setdefault("finetune_data", data.description)
+    teacher = None
+    if cfg.kd_alpha > 0:
+        teacher = copy.deepcopy(model).to(device).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+    model = quantize_model(model, policy, cfg.quant, inplace=True)
+    log.info(f"policy: {policy.describe()}")
+    return model.to(device), policy, teacher
+
+
 def _run(cfg: RunConfig, command: str, quantized: bool) -> RunResult:
     if quantized and not cfg.policy and not cfg.resume:
         resolve_policy(None, nn.Identity(), 0, "", "")  # raises the "needs a policy" error
-    device = resolve_device(cfg.device)
-    dist_info: DistInfo = init_distributed(device)
-    run_dir = prepare_run_dir(cfg, command, dist_info.is_main)
-    if cfg.resume:  # the run folder's config is authoritative
-        saved = load_config(RunConfig, run_dir / "config.yaml")
-        saved.resume, saved.out, saved.device = True, str(run_dir), cfg.device
-        cfg = saved
-    setup_logging(run_dir, dist_info.is_main)
+    run, cfg = Run.open(cfg, _files(command), (cfg.model, cfg.data.name))
     torch.manual_seed(cfg.seed)
     t_start = time.time()
-
     data = build_data(cfg.data)
-    input_size = cfg.input_size or data.input_size
-    num_classes = cfg.num_classes or data.num_classes
-    model = build_model(cfg.model, num_classes=num_classes)
-    weights = resolve_weights(cfg, data.name)
-    if quantized and weights is None and not cfg.resume:
-        raise ConfigError("finetune starts from full-precision weights: pass --weights "
-                          "RUN_DIR/best.safetensors (from mpqkit train) or --weights bundled")
-    if weights is not None and not cfg.resume:
-        tensors, _ = read_checkpoint(weights)
-        load_model_state(model, tensors, str(weights))
-        log.info(f"weights: {weights}")
-
-    policy: Policy | None = None
-    teacher: nn.Module | None = None
-    if quantized:
-        policy = resolve_policy(cfg.policy, model, input_size, cfg.model, cfg.first_last)
-        policy.provenance.setdefault("finetune_data", data.description)
-        if cfg.kd_alpha > 0:
-            teacher = copy.deepcopy(model).to(device).eval()
-            for p in teacher.parameters():
-                p.requires_grad_(False)
-        model = quantize_model(model, policy, cfg.quant, inplace=True)
-        log.info(f"policy: {policy.describe()}")
-    model.to(device)
-
-    if dist_info.is_main:
-        write_yaml(cfg, run_dir / "config.yaml")
-        if policy is not None:
-            policy.save(run_dir / "policy.json")
-
-    optimizer = build_optimizer(model, cfg)
-    start_epoch, start_step, carried = 0, 0, {"loss": 0.0, "correct": 0.0, "n": 0.0}
-    best_acc, best_epoch = -1.0, -1
+    model, policy, teacher = _build(cfg, data, quantized, run.device)
+    run.write_config(cfg)
+    if policy is not None and run.is_main:
+        policy.save(run.dir / "policy.json")
+    steps = len(make_loader(data.train, cfg.data.batch_size, train=True, seed=cfg.seed))
+    steps = min(steps, cfg.max_steps_per_epoch or steps)
+    meta = checkpoint_meta(cfg, data, policy)
+    task = _TrainTask(cfg, run, data, model, teacher, meta, steps)
+    state = LoopState()
     if cfg.resume:
-        tensors, meta = read_checkpoint(run_dir / "last.safetensors")
-        load_model_state(model, tensors, str(run_dir / "last.safetensors"))
-        restore_optimizer(optimizer, tensors, meta)
-        ex = meta.get("extra_state", {})
-        start_epoch, start_step = int(ex["epoch"]), int(ex["step"])
-        carried = ex.get("carried", carried)
-        best_acc, best_epoch = float(ex.get("best_acc", -1)), int(ex.get("best_epoch", -1))
-        log.info(f"resumed {run_dir} at epoch {start_epoch + 1}, batch {start_step}")
+        state = resume(run, task)
     elif quantized:
         calib = make_loader(data.train, cfg.data.batch_size, train=True, seed=cfg.seed, epoch=0)
-        calibrate(model, ((x.to(device), y) for x, y in calib), max_batches=cfg.calib_batches)
+        calibrate(model, ((x.to(run.device), y) for x, y in calib), max_batches=cfg.calib_batches)
         barrier()
-
-    train_model: nn.Module = model
-    if dist_info.enabled:
-        train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    eval_set = data.val if data.val is not None else data.test
-    eval_name = "val" if data.val is not None else "test"
-    eval_loader = make_loader(eval_set, cfg.data.eval_batch_size, train=False,
-                              workers=cfg.data.workers)
-    steps_per_epoch = len(make_loader(data.train, cfg.data.batch_size, train=True, seed=cfg.seed))
-    if cfg.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
-    meta_base = checkpoint_meta(cfg, data, input_size, num_classes, policy)
-    if cfg.amp and device.type != "cuda":
+    if cfg.amp and run.device.type != "cuda":
         log.info("amp: autocast runs on GPUs only; this CPU run uses float32")
-    log.info(f"{command}: {cfg.model} on {data.description}; {cfg.epochs} epoch(s) x "
-             f"{steps_per_epoch} steps; device {device}"
-             + (f" x {dist_info.world_size} processes" if dist_info.enabled else "")
-             + f"; run folder {run_dir}")
-
-    metrics: list[dict[str, Any]] = _read_metrics(run_dir) if cfg.resume else []
-    last_save = time.time()
-    last_eval: dict[str, float] = {}
-    for epoch in range(start_epoch, cfg.epochs):
-        skip = start_step if epoch == start_epoch else 0
-        loader = make_loader(data.train, cfg.data.batch_size, train=True, seed=cfg.seed,
-                             epoch=epoch, start_batch=skip, workers=cfg.data.workers)
-        sums = dict(carried) if epoch == start_epoch else {"loss": 0.0, "correct": 0.0, "n": 0.0}
-        train_model.train()
-        t0, seen = time.time(), 0
-        bar = tqdm(total=steps_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not dist_info.is_main or None, file=sys.stderr, dynamic_ncols=True,
-                   leave=False)
-        step = skip
-        for x, y in _limited(loader, steps_per_epoch - skip):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            lr = _lr_at(cfg, epoch * steps_per_epoch + step, steps_per_epoch)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            with autocast(device, cfg.amp):
-                out = train_model(x)
-                loss = F.cross_entropy(out.float(), y, label_smoothing=cfg.optim.label_smoothing)
-                if teacher is not None:
-                    with torch.no_grad():
-                        t_out = teacher(x).float()
-                    temp = cfg.kd_temperature
-                    kd = F.kl_div(F.log_softmax(out.float() / temp, 1), F.softmax(t_out / temp, 1),
-                                  reduction="batchmean") * temp * temp
-                    loss = (1 - cfg.kd_alpha) * loss + cfg.kd_alpha * kd
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if not torch.isfinite(loss):
-                raise ConfigError(f"the loss became {loss.item()} at epoch {epoch + 1} step "
-                                  f"{step}: lower the learning rate (--lr)")
-            step += 1
-            seen += y.numel()
-            sums["loss"] += loss.item() * y.numel()
-            sums["correct"] += (out.argmax(1) == y).sum().item()
-            sums["n"] += y.numel()
-            bar.update(1)
-            bar.set_postfix(loss=f"{sums['loss'] / sums['n']:.3f}", lr=f"{lr:.4f}")
-            if (cfg.save_every_min > 0 and time.time() - last_save > 60 * cfg.save_every_min
-                    and step < steps_per_epoch):
-                _save_last(run_dir, model, optimizer, meta_base, dist_info, epoch, step, sums,
-                           best_acc, best_epoch)
-                last_save = time.time()
-        bar.close()
-        dt = time.time() - t0
-        tl, tc, tn = all_reduce_sum([sums["loss"], sums["correct"], sums["n"]], device)
-        row: dict[str, Any] = {"epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch,
-                               "lr": lr if steps_per_epoch else 0.0,
-                               "train_loss": tl / max(tn, 1), "train_acc": 100 * tc / max(tn, 1),
-                               "epoch_seconds": round(dt, 2),
-                               "images_per_s": round(seen * dist_info.world_size / max(dt, 1e-9))}
-        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-            last_eval = evaluate_model(model, eval_loader, device, cfg.amp, desc=eval_name,
-                                       progress=dist_info.is_main)
-            row.update(eval_loss=last_eval["loss"], eval_acc=last_eval["top1"],
-                       eval_top5=last_eval["top5"])
-            if last_eval["top1"] > best_acc:
-                best_acc, best_epoch = last_eval["top1"], epoch + 1
-                if dist_info.is_main:
-                    save_checkpoint(run_dir / "best", model,
-                                    {**meta_base, "epoch": epoch + 1, "metrics": row})
-        metrics.append(row)
-        if dist_info.is_main:
-            _append_metrics(run_dir, row)
-        _save_last(run_dir, model, optimizer, meta_base, dist_info, epoch + 1, 0,
-                   {"loss": 0.0, "correct": 0.0, "n": 0.0}, best_acc, best_epoch, row)
-        last_save = time.time()
-        log.info(f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f} acc "
-                 f"{row['train_acc']:.2f}% | {eval_name} "
-                 + (f"acc {row['eval_acc']:.2f}% " if "eval_acc" in row else "")
-                 + f"| {row['images_per_s']} img/s, {dt:.0f}s")
-    barrier()
-    if not last_eval:  # resumed after the last epoch had finished: report the stored result
-        stored = [m for m in metrics if m.get("eval_acc") not in (None, "")]
-        last_eval = {"top1": float(stored[-1]["eval_acc"])} if stored else {"top1": float("nan")}
-    result = RunResult(run_dir, last_eval["top1"], best_acc, best_epoch, cfg.epochs,
-                       time.time() - t_start, policy, metrics)
+    log.info(f"{command}: {cfg.model} on {data.description}; {cfg.epochs} epoch(s) x {steps} "
+             f"steps; optimizer {cfg.optim.describe()}; device {run.device}"
+             + (f" x {run.world.world_size} processes" if run.world.enabled else "")
+             + f"; run folder {run.dir}")
+    rows = fit(run, task, state, epochs=cfg.epochs, steps_per_epoch=steps,
+               save_every_min=cfg.save_every_min)
+    evals = [float(r["eval_acc"]) for r in rows if r.get("eval_acc") not in (None, "")]
+    best = max(evals) if evals else float("nan")
+    result = RunResult(run.dir, evals[-1] if evals else float("nan"), best,
+                       next((int(r["epoch"]) for r in rows if r.get("eval_acc") not in (None, "")
+                             and float(r["eval_acc"]) == best), -1),
+                       cfg.epochs, time.time() - t_start, policy, rows)
     log.info(f"done: {result.summary()}")
     return result
 
 
-def checkpoint_meta(cfg: RunConfig, data: DataBundle, input_size: int, num_classes: int,
-                    policy: Policy | None) -> dict[str, Any]:
-    return {"model": cfg.model, "num_classes": num_classes, "input_size": input_size,
+def checkpoint_meta(cfg: RunConfig, data: DataBundle, policy: Policy | None) -> dict[str, Any]:
+    """What a train/finetune checkpoint's JSON holds besides the state."""
+    return {"model": cfg.model, "num_classes": cfg.num_classes or data.num_classes,
+            "input_size": cfg.input_size or data.input_size,
             "dataset": data.name, "mean": list(data.mean), "std": list(data.std),
             "policy": policy.to_dict() if policy is not None else None,
             "quant": to_dict(cfg.quant) if policy is not None else None,
             "config": to_dict(cfg)}
-
-
-def _save_last(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-               meta: dict[str, Any], dist_info: DistInfo, epoch: int, step: int,
-               sums: dict[str, float], best_acc: float, best_epoch: int,
-               row: dict[str, Any] | None = None) -> None:
-    if not dist_info.is_main:
-        return
-    save_checkpoint(run_dir / "last", model, {**meta, "epoch": epoch,
-                                              **({"metrics": row} if row else {})},
-                    optimizer, {"epoch": epoch, "step": step, "carried": sums,
-                                "best_acc": best_acc, "best_epoch": best_epoch})
-
-
-def _append_metrics(run_dir: Path, row: dict[str, Any]) -> None:
-    path = run_dir / "metrics.csv"
-    new = not path.is_file()
-    with path.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=METRIC_FIELDS, extrasaction="ignore")
-        if new:
-            w.writeheader()
-        w.writerow(row)
-
-
-def _read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.csv"
-    if not path.is_file():
-        return []
-    with path.open() as f:
-        return list(csv.DictReader(f))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -422,40 +334,13 @@ def finetune(cfg: RunConfig) -> RunResult:
     return _run(cfg, "finetune", quantized=True)
 
 
-def load_checkpoint_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the (quantized) model a checkpoint was written from, with its weights.
-
-    A search run's ``last.safetensors`` gives back its supernet (e.g. to measure its sharpness).
-    """
-    tensors, meta = read_checkpoint(path)
-    if "model" not in meta:
-        raise CheckpointError(f"{path} has no mpqkit metadata (.json beside it): pass a checkpoint "
-                              "written by mpqkit train/finetune")
-    if meta.get("kind") == "supernet":  # a search run's checkpoint: the mixed-precision supernet
-        from mpqkit.search.loop import supernet_from_checkpoint
-
-        sn = supernet_from_checkpoint(tensors, meta, str(path))
-        sn.eval()
-        return sn, meta
-    model = build_model(meta["model"], num_classes=int(meta["num_classes"]))
-    if meta.get("policy"):
-        policy = Policy.from_dict(meta["policy"], f"{path} policy")
-        qcfg = from_dict(QuantConfig, meta.get("quant") or {}, "quant")
-        model = quantize_model(model, policy, qcfg, inplace=True)
-    load_model_state(model, tensors, str(path))
-    model.eval()
-    return model, meta
-
-
 def evaluate(checkpoint: str | Path, data: DataConfig, device: str = "auto") -> dict[str, Any]:
     """Top-1/top-5 and loss of a checkpoint on ``data``'s test split (and its policy's cost)."""
     dev = resolve_device(device)
     model, meta = load_checkpoint_model(checkpoint)
     bundle = build_data(data)
-    if bundle.num_classes != int(meta["num_classes"]):
-        raise CheckpointError(f"{checkpoint} predicts {meta['num_classes']} classes but "
-                              f"{bundle.name} has {bundle.num_classes}: evaluate on the dataset it "
-                              "was trained on")
+    check_classes(meta, bundle.num_classes, bundle.name, str(checkpoint),
+                  "evaluate on the dataset it was trained on")
     loader = make_loader(bundle.test, data.eval_batch_size, train=False, workers=data.workers)
     res: dict[str, Any] = evaluate_model(model.to(dev), loader, dev)
     res.update(checkpoint=str(checkpoint), model=meta["model"],
@@ -470,6 +355,3 @@ def evaluate(checkpoint: str | Path, data: DataConfig, device: str = "auto") -> 
                    size_mb=sum(i.params for i in infos.values()) * 4 / 1e6)
     return res
 
-
-def dump_json(obj: Any) -> str:
-    return json.dumps(obj, indent=2, default=str)

@@ -4,6 +4,14 @@ Usable outside mpqkit: the wrappers take any ``torch.optim.Optimizer`` and work 
 """
 
 from mpqkit.optim.bn import frozen_bn_stats
+from mpqkit.optim.factory import (
+    OptimConfig,
+    StepSchedule,
+    base_optimizer,
+    create_optimizer,
+    param_groups,
+    wrap_sharpness,
+)
 from mpqkit.optim.gap import surrogate_gap
 from mpqkit.optim.sharpness import ASGA, GSAM, SAM, UPDATES, GradScalerLike, SharpnessAware
 
@@ -13,7 +21,13 @@ __all__ = [
     "SAM",
     "UPDATES",
     "GradScalerLike",
+    "OptimConfig",
     "SharpnessAware",
+    "StepSchedule",
+    "base_optimizer",
+    "create_optimizer",
     "frozen_bn_stats",
+    "param_groups",
     "surrogate_gap",
+    "wrap_sharpness",
 ]

@@ -1,28 +1,32 @@
-"""Policy search: the supernet, the shared loop, the methods, budget feasibility and repair.
+"""Policy search: the supernet, the shared loop, the method registry, budget feasibility and repair.
 
-``search(SearchConfig(...))`` runs one method (``asga``, ``edmips``, ``gmpq``, ``seam``, and the
-methods other modules register, e.g. ``hawq``) and returns a :class:`SearchResult` whose
-``policy`` lands in ``[0.98, 1.0] x`` the budget. Budgets and costs (``Budget``,
-``parse_budget``, ``policy_cost``) live in :mod:`mpqkit.complexity`.
+``search(SearchConfig(...))`` runs one registered method (``asga``, ``edmips``, ``gmpq``,
+``seam``, ``hawq``, ``uniform``, ``random``: one module each in :mod:`mpqkit.search.methods`)
+and returns a :class:`SearchResult` whose ``policy`` lands in ``[0.98, 1.0] x`` the budget.
+Budgets and costs (``Budget``, ``parse_budget``, ``policy_cost``) live in
+:mod:`mpqkit.complexity`.
 """
 
-from mpqkit.search.baselines import random_bits, uniform_bits
 from mpqkit.search.budget import achievable_range, check_feasible, repair
-from mpqkit.search.hawq import hawq_search, hutchinson_trace
-from mpqkit.search.loop import (
-    DualLambda,
+from mpqkit.search.config import SearchConfig, load_search_config
+from mpqkit.search.context import (
     MethodResult,
-    SearchConfig,
+    Provenance,
     SearchContext,
     SearchResult,
     SupernetMethod,
-    SupernetSearch,
-    available_methods,
     build_context,
+)
+from mpqkit.search.loop import DualLambda, SupernetSearch, search
+from mpqkit.search.methods.hawq import hawq_search, hutchinson_trace
+from mpqkit.search.methods.random import random_bits
+from mpqkit.search.methods.uniform import uniform_bits
+from mpqkit.search.registry import (
+    MethodSpec,
+    available_methods,
     get_method,
-    load_search_config,
+    method_specs,
     register_method,
-    search,
 )
 from mpqkit.search.supernet import (
     MixedConv2d,
@@ -34,10 +38,10 @@ from mpqkit.search.supernet import (
 )
 
 __all__ = [
-    "DualLambda", "MethodResult", "MixedConv2d", "MixedLinear", "MixedQuantMixin",
-    "SearchConfig", "SearchContext", "SearchResult", "Supernet", "SupernetMethod",
-    "SupernetSearch", "build_context",
-    "achievable_range", "available_methods", "build_supernet", "check_feasible", "get_method",
-    "hawq_search", "hutchinson_trace", "load_search_config", "mix_quantized", "random_bits",
-    "register_method", "repair", "search", "uniform_bits",
+    "DualLambda", "MethodResult", "MethodSpec", "MixedConv2d", "MixedLinear", "MixedQuantMixin",
+    "Provenance", "SearchConfig", "SearchContext", "SearchResult", "Supernet", "SupernetMethod",
+    "SupernetSearch", "achievable_range", "available_methods", "build_context",
+    "build_supernet", "check_feasible", "get_method", "hawq_search", "hutchinson_trace",
+    "load_search_config", "method_specs", "mix_quantized", "random_bits", "register_method",
+    "repair", "search", "uniform_bits",
 ]

@@ -39,7 +39,6 @@ random weights says nothing). ``hawq_batches`` proxy batches (``options.hawq_bat
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import time
@@ -57,7 +56,9 @@ from mpqkit.errors import BudgetError, ConfigError
 from mpqkit.quant.layers import QuantMixin, quantizable_layers
 from mpqkit.quant.quantizers import make_act_quantizer, make_weight_quantizer
 from mpqkit.search.budget import DEFAULT_TOL, check_feasible, solve_choices
-from mpqkit.search.loop import MethodResult, SearchContext, register_method
+from mpqkit.search.context import MethodResult, SearchContext
+from mpqkit.search.methods._teacher import proxy_fp_model
+from mpqkit.search.registry import register_method
 
 CACHE_FILE = "hawq_traces.json"
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -439,63 +440,54 @@ def hawq_search(model: nn.Module, batches: Iterable[Any], budget: Budget,
 # ----------------------------------------------------------------------------------------------
 # the search-loop method
 # ----------------------------------------------------------------------------------------------
+@dataclass
+class HawqConfig:
+    teacher: str | None = field(default=None, metadata={
+        "help": "full-precision checkpoint trained on the proxy set, when --weights is not "
+                "given (default: train one first)"})
+    teacher_epochs: int = field(default=5, metadata={
+        "help": "epochs of the teacher (or FP model) trained when none is given"})
+    hawq_batches: int = field(default=4, metadata={
+        "help": "proxy batches the Hessian traces are averaged over"})
+    hawq_iters: int = field(default=16, metadata={
+        "help": "Hutchinson samples per batch"})
+    hawq_batch_size: int | None = field(default=None, metadata={
+        "help": "batch size of the trace batches (default: the data batch size)"})
+    hawq_activations: bool = field(default=True, metadata={
+        "help": "measure activation traces too (off: a layer's activation bits = its weight "
+                "bits)"})
+    hawq_joint: bool = field(default=False, metadata={
+        "help": "one double backward for all layers per sample (cheaper, noisier)"})
+
+    def __post_init__(self) -> None:
+        for name in ("teacher_epochs", "hawq_batches", "hawq_iters"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be at least 1")
+
+
 def _fp_model(ctx: SearchContext) -> tuple[nn.Module, dict[str, Any]]:
-    """The FP model HAWQ measures: the context's (weights loaded), a teacher, or trained here.
-
-    With random initial weights, ``cfg.teacher`` (an FP checkpoint trained on the proxy set) is
-    used if given, else the model is trained on the proxy set for ``options["fp_epochs"]``
-    (default ``cfg.teacher_epochs``) epochs into ``RUN_DIR/fp`` (reused when already there).
-    """
-    from mpqkit.engine import OptimConfig, RunConfig, load_checkpoint_model, train
-    from mpqkit.engine.trainer import setup_logging
-
-    cfg = ctx.cfg
+    """The FP model HAWQ measures: the context's (weights loaded), a teacher, or trained here."""
     if ctx.weights_init != "random":
         return ctx.model, {"hawq_fp_model": ctx.weights_init}
-    if cfg.teacher:
-        model, meta = load_checkpoint_model(cfg.teacher)
-        if meta.get("policy") or int(meta["num_classes"]) != ctx.num_classes:
-            raise ConfigError(f"HAWQ needs a full-precision model for {ctx.num_classes} classes; "
-                              f"{cfg.teacher} is not one: pass --weights or another --teacher")
-        return model.to(ctx.device), {"hawq_fp_model": f"checkpoint:{cfg.teacher}"}
-    fdir = ctx.run_dir / "fp"
-    best = fdir / "best.safetensors"
-    epochs = int(cfg.options.get("fp_epochs", cfg.teacher_epochs))
-    record: dict[str, Any] = {"hawq_fp_model": f"trained:{best}", "hawq_fp_epochs": epochs}
-    if not best.is_file():
-        rc = RunConfig(model=cfg.model, num_classes=ctx.num_classes, epochs=epochs,
-                       max_steps_per_epoch=cfg.max_steps_per_epoch, seed=cfg.seed,
-                       device=cfg.device, out=str(fdir), overwrite=True, save_every_min=0.0,
-                       data=copy.deepcopy(cfg.data),
-                       optim=OptimConfig(lr=0.1, momentum=0.9, weight_decay=5e-4,
-                                         schedule="cosine"))
-        res = train(rc)
-        setup_logging(ctx.run_dir, True)  # train() pointed the log at its own folder
-        record.update(hawq_fp_top1=res.best_acc, hawq_fp_train_seconds=round(res.seconds, 3))
-    model, _ = load_checkpoint_model(best)
-    return model.to(ctx.device), record
+    opts = ctx.options
+    model, rec = proxy_fp_model(ctx, opts.teacher, opts.teacher_epochs, "fp", "hawq")
+    record = {("hawq_fp_model" if k == "source" else f"hawq_fp_{k}"): v for k, v in rec.items()}
+    return model, record
 
 
+@register_method("hawq", config=HawqConfig, description="HAWQ-V3 style: Hessian trace x "
+                 "quantization perturbation, integer linear program under the budget (no "
+                 "supernet)")
 def hawq_method(ctx: SearchContext) -> MethodResult:
-    """HAWQ: Hessian-trace sensitivities and an integer linear program (no supernet).
-
-    Options (``cfg.options``): ``hawq_batch_size`` (default: the data batch size),
-    ``hawq_activations`` (default true), ``hawq_joint`` (default false), ``fp_epochs``.
-    """
-    cfg = ctx.cfg
-    opts = cfg.options
+    """HAWQ: Hessian-trace sensitivities and an integer linear program (no supernet)."""
+    cfg, opts = ctx.cfg, ctx.options
     model, record = _fp_model(ctx)
-    batches = ctx.batches(cfg.hawq_batches, opts.get("hawq_batch_size"))
+    batches = ctx.batches(opts.hawq_batches, opts.hawq_batch_size)
     res = hawq_search(model, batches, ctx.budget, ctx.infos, ctx.searchable, ctx.fixed_bits,
-                      ctx.w_candidates, ctx.a_candidates, iters=cfg.hawq_iters, seed=cfg.seed,
+                      ctx.w_candidates, ctx.a_candidates, iters=opts.hawq_iters, seed=cfg.seed,
                       tol=cfg.tol, per_channel=cfg.quant.per_channel,
-                      activations=bool(opts.get("hawq_activations", True)),
-                      joint=bool(opts.get("hawq_joint", False)), run_dir=ctx.run_dir,
-                      cache_extra=record["hawq_fp_model"])
+                      activations=opts.hawq_activations, joint=opts.hawq_joint,
+                      run_dir=ctx.run_dir, cache_extra=record["hawq_fp_model"])
     (ctx.run_dir / "hawq_sensitivity.json").write_text(json.dumps(
         {"traces": res.traces.to_dict(), "omega": res.sensitivity.to_dict()}, indent=1) + "\n")
     return MethodResult(res.bits, {**record, **res.provenance()})
-
-
-register_method("hawq", hawq_method, description="HAWQ-V3 style: Hessian trace x quantization "
-                "perturbation, integer linear program under the budget (no supernet)")

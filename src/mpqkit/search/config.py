@@ -1,0 +1,160 @@
+"""The configuration of a search: what every method shares, plus the method's own options.
+
+``SearchConfig`` holds the model, the search space, the budget, the supernet schedule (the
+``optim`` section, the same :class:`~mpqkit.optim.OptimConfig` as training), the budget
+multiplier, the run folder, and ``options``: the config dataclass of the chosen method (see
+:mod:`mpqkit.search.registry`), e.g. ``options: {attr_weight: 40}`` for ``gmpq``.
+
+Configs written by mpqkit 0.1 (every method's knobs flat at the top level, ``lr_w``,
+``momentum``, ...) still load: :meth:`SearchConfig.migrate` moves those keys to their sections.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mpqkit.data import DataConfig
+from mpqkit.engine.config import load_config
+from mpqkit.errors import ConfigError
+from mpqkit.optim.factory import OptimConfig
+from mpqkit.policy import FIRST_LAST_MODES
+from mpqkit.quant.layers import QuantConfig
+from mpqkit.search.registry import get_method, method_specs
+from mpqkit.search.supernet import parse_candidates
+
+LAMBDA_ON = ("argmax", "expected")
+# keys of mpqkit 0.1's flat SearchConfig that now live in the ``optim`` section
+_LEGACY_OPTIM = {"lr_w": "lr", "momentum": "momentum", "nesterov": "nesterov",
+                 "weight_decay": "weight_decay", "schedule": "schedule", "step_size": "step_size",
+                 "warmup_epochs": "warmup_epochs", "rho0": "rho0", "rho_max": "rho_max",
+                 "rho_min": "rho_min", "gamma": "gamma", "adaptive": "adaptive", "h_ema": "h_ema"}
+_LEGACY_OPTIONS = {"fp_epochs": "teacher_epochs"}  # 0.1's free-form options renamed
+
+
+def _search_data() -> DataConfig:
+    return DataConfig(batch_size=256)
+
+
+def _search_optim() -> OptimConfig:
+    """The EdMIPS/GMPQ search recipe: SGD momentum 0.9, lr 0.1, x0.1 every 10 epochs."""
+    return OptimConfig(lr=0.1, momentum=0.9, weight_decay=1e-4, schedule="step", step_size=10)
+
+
+@dataclass
+class SearchConfig:
+    """Everything a search needs. Sections ``optim``, ``data``, ``quant``, ``options``.
+
+    Budget: exactly one of ``budget_bitops`` (``"1.2G"``), ``budget`` (a uniform policy whose
+    BitOps is the budget, ``"w3a3"``) or ``budget_size_mb``. ``input_size`` is the deployment
+    resolution the complexity is counted at (default: the proxy data's). ``weights``: FP weights
+    to start from (path or ``"bundled"``); none means random initialisation (as GMPQ).
+    ``options`` is the chosen method's own config (a dataclass; a mapping in YAML; unset means
+    the method's defaults, resolved by :meth:`method_options`).
+    """
+
+    model: str = "resnet20"
+    num_classes: int | None = None
+    input_size: int | None = None
+    weights: str | None = None
+    method: str = "asga"
+    w_bits: list[int] | str = field(default_factory=lambda: [2, 3, 4, 6])
+    a_bits: list[int] | str = field(default_factory=lambda: [2, 3, 4, 6])
+    budget_bitops: str | None = None
+    budget: str | None = None
+    budget_size_mb: float | None = None
+    tol: float = 0.02
+    first_last: str = "8bit"
+    epochs: int = 25
+    max_steps_per_epoch: int | None = None
+    calib_batches: int = 1
+    lr_alpha: float = 0.01  # the architecture logits (their group of the optimizer)
+    alpha_weight_decay: float = 0.0
+    # budget dual ascent: lambda <- max(0, lambda + lambda_lr * (C / B - 1)) every step. 0.5 is
+    # our default: on a 100-step CIFAR-10 proxy search 0.01 left lambda without effect, 1.0
+    # met the budget within ~70 steps and then overshot.
+    lambda_lr: float = 0.5
+    lambda_init: float = 0.0
+    # what C in the dual update is: "argmax" (default), the cost of the policy the search would
+    # return now, or "expected", the differentiable expected cost. Driving lambda by the expected
+    # cost pushes every layer's argmax to the cheapest bits long before the expectation reaches
+    # the budget (the logits stay nearly uniform in short searches), so the final repair, not
+    # the search, would choose the bits. The penalty's gradient acts on the expected cost either
+    # way.
+    lambda_on: str = "argmax"
+    bilevel: bool = False  # logits on a held-out part of the proxy set (first-order)
+    val_fraction: float = 0.5
+    options: Any = None
+    seed: int = 0
+    device: str = "auto"
+    out: str | None = None
+    overwrite: bool = False
+    resume: bool = False
+    progress: bool = True
+    save_every_min: float = 5.0  # mid-epoch checkpoint period (minutes); 0 = only per epoch
+    optim: OptimConfig = field(default_factory=_search_optim)
+    data: DataConfig = field(default_factory=_search_data)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+
+    def __post_init__(self) -> None:
+        self.w_bits = list(parse_candidates(self.w_bits, "weight bit candidates (w_bits)"))
+        self.a_bits = list(parse_candidates(self.a_bits, "activation bit candidates (a_bits)"))
+        self.method = str(self.method).strip().lower()
+        if self.options is not None:
+            self.options = get_method(self.method).make_options(self.options)
+        if self.first_last not in FIRST_LAST_MODES:
+            raise ConfigError(f"first_last={self.first_last!r} is unknown: use one of "
+                              f"{', '.join(FIRST_LAST_MODES)}")
+        if self.lambda_on not in LAMBDA_ON:
+            raise ConfigError(f"lambda_on={self.lambda_on!r} is unknown: use argmax or expected")
+        for name in ("epochs", "calib_batches"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be at least 1")
+        if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
+            raise ConfigError("max_steps_per_epoch must be at least 1 (or unset for full epochs)")
+        if not self.lr_alpha > 0:
+            raise ConfigError(f"lr_alpha={self.lr_alpha} must be positive: e.g. 0.01")
+        for name in ("alpha_weight_decay", "lambda_lr", "lambda_init", "save_every_min"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be >= 0")
+        if not 0 <= self.tol < 1:
+            raise ConfigError(f"tol={self.tol} must be in [0, 1): e.g. 0.02 for a 2% band")
+        if self.bilevel and not 0 < self.val_fraction < 1:
+            raise ConfigError(f"val_fraction={self.val_fraction} must be in (0, 1) for a bi-level "
+                              "search: e.g. 0.5 holds out half of the proxy set for the logits")
+
+    @staticmethod
+    def migrate(d: dict[str, Any]) -> dict[str, Any]:
+        """Move the keys of an mpqkit 0.1 config (flat method knobs) to their sections.
+
+        A method knob the chosen method does not have is dropped: 0.1 wrote every method's
+        defaults into every run's ``config.yaml``.
+        """
+        optim = dict(d.get("optim") or {})
+        for old, new in _LEGACY_OPTIM.items():
+            if old in d:
+                optim[new] = d.pop(old)
+        if optim:
+            d["optim"] = optim
+        known = {n for m in method_specs() for n in m.option_names()}
+        flat = {k: d.pop(k) for k in list(d) if k in known}
+        opts = d.get("options")
+        if flat or (isinstance(opts, Mapping) and set(opts) & set(_LEGACY_OPTIONS)):
+            mine = set(get_method(d.get("method", "asga")).option_names())
+            merged = {_LEGACY_OPTIONS.get(k, k): v for k, v in {**flat, **(opts or {})}.items()}
+            d["options"] = {k: v for k, v in merged.items() if k in mine}
+        return d
+
+    def method_options(self) -> Any:
+        """The method's config: ``options`` as given, or the method's defaults."""
+        if self.options is None:
+            self.options = get_method(self.method).make_options(None)
+        return self.options
+
+
+def load_search_config(config_file: str | Path | None = None,
+                       overrides: Mapping[str, Any] | None = None) -> SearchConfig:
+    """Defaults < YAML file < ``overrides`` (dotted keys for ``optim.*``, ``options.*``, ...)."""
+    return load_config(SearchConfig, config_file, overrides)
