@@ -232,7 +232,7 @@ def sharpness_from_checkpoint(checkpoint: str | Path,
     from dataclasses import replace
 
     from mpqkit.data import DataConfig, build_data, make_loader
-    from mpqkit.engine import from_dict, load_checkpoint_model
+    from mpqkit.engine import check_classes, from_dict, load_checkpoint_model
     from mpqkit.engine.distributed import resolve_device
 
     if split not in ("train", "test"):
@@ -253,12 +253,8 @@ def sharpness_from_checkpoint(checkpoint: str | Path,
         over["input_size"] = int(meta["input_size"])
     cfg = replace(cfg, **over)
     bundle = build_data(cfg)
-    if bundle.num_classes != int(meta["num_classes"]):
-        from mpqkit.errors import CheckpointError
-
-        raise CheckpointError(f"{checkpoint} predicts {meta['num_classes']} classes but "
-                              f"{bundle.name} has {bundle.num_classes}: measure it on the dataset "
-                              "it was trained on")
+    check_classes(meta, bundle.num_classes, bundle.name, str(checkpoint),
+                  "measure it on the dataset it was trained on")
     ds = bundle.train if split == "train" else bundle.test
     loader = make_loader(ds, batch_size, train=split == "train", seed=seed, workers=cfg.workers)
     picked = []

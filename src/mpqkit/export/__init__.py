@@ -8,6 +8,7 @@ Public API (imported lazily, so ``import mpqkit.export`` does not load onnx)::
     save_packed(model, path, meta) / load_packed(path) / read_packed(path) / packed_report(path)
     inspect_file(path) -> dict / format_inspection(report) -> str
     verify_onnx(model, onnx_path, loader) -> dict / verify_packed(model, packed_path, loader)
+    verify_export(model, meta, path, fmt, data=None, threads=None) -> dict
     check_verification(result, tolerance=0.1)
 
 See :mod:`mpqkit.export.onnx_export` for the graph conventions and the onnxruntime choices.
@@ -49,6 +50,7 @@ _LAZY = {
     "format_inspection": "mpqkit.export.inspection",
     "verify_onnx": "mpqkit.export.verify",
     "verify_packed": "mpqkit.export.verify",
+    "verify_export": "mpqkit.export.verify",
     "check_verification": "mpqkit.export.verify",
 }
 

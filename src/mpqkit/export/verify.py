@@ -4,7 +4,8 @@
 batches and reports top-1 of both, the agreement of the predicted classes and the largest logit
 difference. :func:`verify_packed` does the same for a packed file reloaded with
 :func:`~mpqkit.export.packed.load_packed` (expected: identical logits).
-:func:`check_verification` turns a result into a pass or a one-line
+:func:`verify_export` does either for an export of a checkpoint, on the test split of the
+dataset it was trained on. :func:`check_verification` turns a result into a pass or a one-line
 :class:`~mpqkit.export.VerificationError`.
 """
 
@@ -12,13 +13,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from mpqkit.export import ExportError, VerificationError
+
+if TYPE_CHECKING:
+    from mpqkit.data import DataConfig
 
 
 def make_session(onnx_path: str | Path, threads: int | None = None,
@@ -133,6 +137,34 @@ def verify_packed(model: nn.Module, packed_path: str | Path, loader: Iterable[An
     res = _compare(model.cpu(), run, loader, max_batches, "packed")
     res["file"] = str(packed_path)
     return res
+
+
+def verify_export(model: nn.Module, meta: Mapping[str, Any], path: str | Path, fmt: str,
+                  data: DataConfig | Mapping[str, Any] | None = None,
+                  threads: int | None = None) -> dict[str, Any]:
+    """Compare an export (``fmt``: ``onnx`` or ``packed``) with ``model`` on a test split.
+
+    ``model`` and ``meta`` are the checkpoint's (as :func:`~mpqkit.export.export_checkpoint`
+    returns them). ``data``: a :class:`~mpqkit.data.DataConfig`, or a dict of its fields (the
+    dataset name defaults to the checkpoint's); its class count must match the checkpoint's.
+    ``threads``: onnxruntime intra-op threads.
+    """
+    from mpqkit.data import DataConfig, build_data, make_loader
+    from mpqkit.engine.checkpoint import check_classes
+    from mpqkit.engine.config import from_dict
+
+    if data is None or isinstance(data, Mapping):
+        d = {"name": meta.get("dataset") or "cifar10", **(data or {})}
+        cfg = from_dict(DataConfig, d, "data")
+    else:
+        cfg = data
+    bundle = build_data(cfg)
+    check_classes(meta, bundle.num_classes, bundle.name, "the checkpoint",
+                  "verify on the dataset it was trained on (--data)")
+    loader = make_loader(bundle.test, cfg.eval_batch_size, train=False, workers=cfg.workers)
+    if fmt == "packed":
+        return verify_packed(model, path, loader)
+    return verify_onnx(model, path, loader, threads=threads)
 
 
 def check_verification(result: dict[str, Any], tolerance: float = 0.1) -> None:

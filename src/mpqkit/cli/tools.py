@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
-from mpqkit.cli import add_data_args, overrides, print_json
+from mpqkit.cli.args import add_data_args, print_json, section
 
 
 def cmd_transfer(args: argparse.Namespace) -> int:
@@ -35,25 +36,31 @@ def cmd_transfer(args: argparse.Namespace) -> int:
 def cmd_sharpness(args: argparse.Namespace) -> int:
     from mpqkit.sharpness import sharpness_from_checkpoint
 
-    d = {k.split(".", 1)[1]: v for k, v in overrides(args).items() if k.startswith("data.")}
-    res = sharpness_from_checkpoint(args.checkpoint, d, rho=args.rho, batches=args.batches,
-                                    batch_size=args.batch_size, split=args.split,
-                                    landscape=args.landscape, points=args.points, span=args.span,
-                                    seed=args.seed, out=args.out, device=args.device)
+    res = sharpness_from_checkpoint(args.checkpoint, section(args, "data"), rho=args.rho,
+                                    batches=args.batches, batch_size=args.batch_size,
+                                    split=args.split, landscape=args.landscape,
+                                    points=args.points, span=args.span, seed=args.seed,
+                                    out=args.out, device=args.device)
     if args.json:
         print_json(res)
         return 0
-    print(f"{res['checkpoint']} on {res['data']} ({res['split']}, {res['images']} images): "
-          f"loss {res['loss']:.4f}, surrogate gap {res['surrogate_gap']:.5f} at rho {res['rho']}")
-    if "landscape" in res:
-        land = res["landscape"]
-        flat = land["loss"] if land["dims"] == 1 else [v for row in land["loss"] for v in row]
-        print(f"landscape {land['dims']}-D, {land['points']} points per axis over "
-              f"+-{land['span']}: loss {min(flat):.4f} .. {max(flat):.4f}")
+    print(format_sharpness(res))
     if args.out:
         print(f"wrote {args.out}/sharpness.json" + (f" and {res['plot']}" if "plot" in res
                                                       else ""))
     return 0
+
+
+def format_sharpness(res: dict[str, Any]) -> str:
+    lines = [f"{res['checkpoint']} on {res['data']} ({res['split']}, {res['images']} images): "
+             f"loss {res['loss']:.4f}, surrogate gap {res['surrogate_gap']:.5f} at rho "
+             f"{res['rho']}"]
+    if "landscape" in res:
+        land = res["landscape"]
+        flat = land["loss"] if land["dims"] == 1 else [v for row in land["loss"] for v in row]
+        lines.append(f"landscape {land['dims']}-D, {land['points']} points per axis over "
+                     f"+-{land['span']}: loss {min(flat):.4f} .. {max(flat):.4f}")
+    return "\n".join(lines)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -71,7 +78,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def _add_transfer(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("transfer", help="map a policy onto another model by layer name and "
                                         "re-check its budget")
     p.add_argument("--policy", required=True, metavar="FILE", help="the proxy policy.json")
@@ -86,6 +93,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable report")
     p.set_defaults(func=cmd_transfer)
 
+
+def _add_sharpness(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sharpness", help="surrogate gap and loss landscape of a checkpoint")
     p.add_argument("--checkpoint", required=True, metavar="FILE",
                    help="RUN_DIR/best.safetensors (full precision or quantized)")
@@ -105,6 +114,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_data_args(p, train=False)
     p.set_defaults(func=cmd_sharpness)
 
+
+def register(sub: argparse._SubParsersAction) -> None:
+    _add_transfer(sub)
+    _add_sharpness(sub)
     p = sub.add_parser("report", help="plots and a comparison table of run folders")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--out", default=None, metavar="DIR",

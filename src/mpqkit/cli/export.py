@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from mpqkit.cli import add_data_args, overrides, print_json, require
+from mpqkit.cli.args import add_data_args, print_json, require, section
 from mpqkit.export import DEFAULT_OPSET, INT_TYPES
 
 
@@ -35,6 +35,7 @@ def _format_export(summary: dict[str, Any]) -> str:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from mpqkit.export.onnx_export import export_checkpoint
+    from mpqkit.export.verify import check_verification, format_verification, verify_export
 
     ckpt = require(args.checkpoint, "--checkpoint", "pass RUN_DIR/best.safetensors")
     out = Path(args.out) if args.out else _default_out(ckpt, args.format, args.fp)
@@ -44,40 +45,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     if not args.json:
         print(_format_export(summary))
     if args.verify:
-        res = _verify(args, out, model, meta)
-        result["verify"] = res
+        result["verify"] = verify_export(model, meta, out, args.format, section(args, "data"),
+                                         threads=args.threads)
         if not args.json:
-            from mpqkit.export.verify import format_verification
-
-            print(format_verification(res))
+            print(format_verification(result["verify"]))
     if args.json:
         print_json(result)
     if args.verify:
-        from mpqkit.export.verify import check_verification
-
         check_verification(result["verify"], args.tolerance)
     return 0
-
-
-def _verify(args: argparse.Namespace, out: Path, model: Any, meta: dict[str, Any]
-            ) -> dict[str, Any]:
-    from mpqkit.data import DataConfig, build_data, make_loader
-    from mpqkit.engine.config import from_dict
-    from mpqkit.errors import CheckpointError
-    from mpqkit.export.verify import verify_onnx, verify_packed
-
-    d = {k.split(".", 1)[1]: v for k, v in overrides(args).items() if k.startswith("data.")}
-    d.setdefault("name", meta.get("dataset") or "cifar10")
-    cfg = from_dict(DataConfig, d, "data")
-    bundle = build_data(cfg)
-    if bundle.num_classes != int(meta["num_classes"]):
-        raise CheckpointError(f"the checkpoint predicts {meta['num_classes']} classes but "
-                              f"{bundle.name} has {bundle.num_classes}: verify on the dataset it "
-                              "was trained on (--data)")
-    loader = make_loader(bundle.test, cfg.eval_batch_size, train=False, workers=cfg.workers)
-    if args.format == "packed":
-        return verify_packed(model, out, loader)
-    return verify_onnx(model, out, loader, threads=args.threads)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:

@@ -1,14 +1,30 @@
-"""Subcommand ``mpqkit search``: a thin shell over :func:`mpqkit.search.search`."""
+"""Subcommand ``mpqkit search``: a thin shell over :func:`mpqkit.search.search`.
+
+The flags of the common :class:`~mpqkit.search.config.SearchConfig` fields are written here; the
+``optim.*`` flags come from :class:`~mpqkit.optim.factory.OptimConfig` and the ``options.*``
+flags from the config dataclass of every registered method
+(:func:`mpqkit.search.registry.method_specs`), so a new method needs no edit here.
+"""
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
 
-from mpqkit.cli import add_data_args, add_quant_args, add_run_dir_args, overrides, print_json
+from mpqkit.cli.args import (
+    add_data_args,
+    add_dataclass_flags,
+    add_optim_args,
+    add_quant_args,
+    add_run_dir_args,
+    overrides,
+    print_json,
+)
 
-METHODS_HELP = ("asga (default), edmips, gmpq, seam; hawq, uniform, random where their modules "
-                "are installed")
+# old flat flag names of mpqkit 0.1 kept as aliases of the ``optim.*`` flags
+OPTIM_ALIASES = {"lr": ["--lr-w"]}
 
 
 def _bits(text: str) -> str:
@@ -19,9 +35,15 @@ def _bits(text: str) -> str:
     return ",".join(parts)
 
 
-def add_search_args(p: argparse.ArgumentParser) -> None:
+def methods_help(specs: Sequence[Any]) -> str:
+    """``--method`` help: every registered method with its description."""
+    items = "; ".join(f"{s.name}: {s.description}" if s.description else s.name for s in specs)
+    return f"search method (default asga): {items}".replace("%", "%%")
+
+
+def _add_model_args(p: argparse.ArgumentParser, specs: Sequence[Any]) -> None:
     p.add_argument("--config", metavar="FILE.yaml", help="YAML defaults; flags override them")
-    p.add_argument("--method", dest="method", metavar="NAME", help=METHODS_HELP)
+    p.add_argument("--method", dest="method", metavar="NAME", help=methods_help(specs))
     p.add_argument("--model", dest="model", metavar="NAME",
                    help="resnet20, resnet18_cifar, a torchvision name, or package.module:factory")
     p.add_argument("--num-classes", dest="num_classes", type=int, metavar="N")
@@ -30,6 +52,9 @@ def add_search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", dest="weights", metavar="FILE",
                    help="start from full-precision weights (safetensors, or 'bundled'); default: "
                         "random initialisation")
+
+
+def _add_budget_args(p: argparse.ArgumentParser) -> None:
     b = p.add_argument_group("search space and budget")
     b.add_argument("--w-bits", dest="w_bits", type=_bits, metavar="B,B,..",
                    help="weight bit candidates (default 2,3,4,6)")
@@ -46,19 +71,19 @@ def add_search_args(p: argparse.ArgumentParser) -> None:
     b.add_argument("--first-last", dest="first_last", choices=["8bit", "fp", "search"],
                    help="first conv / last linear: fixed 8/8 (default, counted in BitOps), fixed "
                         "full precision (not counted), or searched")
+
+
+def _add_schedule_args(p: argparse.ArgumentParser) -> None:
     s = p.add_argument_group("schedule")
     s.add_argument("--epochs", dest="epochs", type=int, metavar="N")
     s.add_argument("--max-steps-per-epoch", dest="max_steps_per_epoch", type=int, metavar="N")
-    s.add_argument("--lr-w", dest="lr_w", type=float, help="weights (default 0.1)")
     s.add_argument("--lr-alpha", dest="lr_alpha", type=float, help="logits (default 0.01)")
-    s.add_argument("--momentum", dest="momentum", type=float)
-    s.add_argument("--weight-decay", dest="weight_decay", type=float)
-    s.add_argument("--schedule", dest="schedule", choices=["step", "cosine", "constant"])
-    s.add_argument("--step-size", dest="step_size", type=int, metavar="EPOCHS",
-                   help="x0.1 every this many epochs (schedule=step, default 10)")
-    s.add_argument("--warmup-epochs", dest="warmup_epochs", type=float)
+    s.add_argument("--alpha-weight-decay", dest="alpha_weight_decay", type=float,
+                   help="weight decay of the logits (default 0)")
     s.add_argument("--lambda-lr", dest="lambda_lr", type=float,
                    help="dual-ascent step of the budget multiplier lambda (default 0.5)")
+    s.add_argument("--lambda-init", dest="lambda_init", type=float,
+                   help="first value of the budget multiplier lambda (default 0)")
     s.add_argument("--lambda-on", dest="lambda_on", choices=["argmax", "expected"],
                    help="cost that drives lambda: of the argmax policy (default) or expected")
     s.add_argument("--calib-batches", dest="calib_batches", type=int, metavar="N")
@@ -66,26 +91,41 @@ def add_search_args(p: argparse.ArgumentParser) -> None:
                    default=None, help="logits on a held-out part of the proxy set")
     s.add_argument("--val-fraction", dest="val_fraction", type=float,
                    help="held-out fraction for --bilevel (default 0.5)")
-    a = p.add_argument_group("asga")
-    a.add_argument("--rho0", dest="rho0", type=float)
-    a.add_argument("--rho-max", dest="rho_max", type=float)
-    a.add_argument("--rho-min", dest="rho_min", type=float)
-    a.add_argument("--gamma", dest="gamma", type=float)
-    a.add_argument("--adaptive", dest="adaptive", action=argparse.BooleanOptionalAction,
-                   default=None)
-    a.add_argument("--h-ema", dest="h_ema", type=float)
-    a.add_argument("--perturb-logits", dest="perturb_logits",
-                   action=argparse.BooleanOptionalAction, default=None)
-    g = p.add_argument_group("gmpq / seam / hawq")
-    g.add_argument("--teacher", dest="teacher", metavar="CKPT",
-                   help="gmpq: FP teacher checkpoint (default: train one on the proxy set)")
-    g.add_argument("--teacher-epochs", dest="teacher_epochs", type=int)
-    g.add_argument("--attr-weight", dest="attr_weight", type=float)
-    g.add_argument("--attr-power", dest="attr_power", type=float)
-    g.add_argument("--seam-weight", dest="seam_weight", type=float)
-    g.add_argument("--seam-margin", dest="seam_margin", type=float)
-    g.add_argument("--hawq-batches", dest="hawq_batches", type=int)
-    g.add_argument("--hawq-iters", dest="hawq_iters", type=int)
+
+
+def add_method_flags(g: argparse._ActionsContainer, specs: Sequence[Any]) -> list[str]:
+    """One ``options.<field>`` flag per option field of the methods ``specs``, in group ``g``.
+
+    A field several methods share gets one flag, its help naming them (``gmpq, hawq: ...``)
+    and showing the default only where they agree on it.
+    """
+    owners: dict[str, list[str]] = {}
+    defaults: dict[str, set[str]] = {}  # repr of each owner's default
+    for spec in specs:
+        for f in dataclasses.fields(spec.config) if spec.config else ():
+            owners.setdefault(f.name, []).append(spec.name)
+            defaults.setdefault(f.name, set()).add(repr(getattr(spec.config(), f.name)))
+    differ = [name for name, values in defaults.items() if len(values) > 1]
+    added: list[str] = []
+    for spec in specs:
+        if spec.config is not None:
+            added += add_dataclass_flags(g, spec.config, "options", skip=added,
+                                         help_prefix=lambda name: f"{', '.join(owners[name])}: ",
+                                         hide_defaults=differ)
+    return added
+
+
+def add_search_args(p: argparse.ArgumentParser) -> None:
+    from mpqkit.search.config import SearchConfig
+    from mpqkit.search.registry import method_specs
+
+    specs = method_specs()
+    _add_model_args(p, specs)
+    _add_budget_args(p)
+    _add_schedule_args(p)
+    add_optim_args(p, aliases=OPTIM_ALIASES, defaults=SearchConfig().optim)
+    methods = p.add_argument_group("method options", "options.* of the config; each flag "
+                                   "applies to the methods its help names")
     q = p.add_argument_group("quantization")
     add_quant_args(q)
     r = p.add_argument_group("run")
@@ -95,24 +135,15 @@ def add_search_args(p: argparse.ArgumentParser) -> None:
                    default=None, help="progress bars")
     r.add_argument("--json", action="store_true", help="print the policy as JSON")
     add_data_args(p)
+    add_method_flags(methods, specs)  # last: a name another flag has becomes --options-NAME
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from mpqkit.errors import ConfigError
-    from mpqkit.search.loop import load_search_config, search
+    from mpqkit.engine.config import load_run_config
+    from mpqkit.search import search
+    from mpqkit.search.config import SearchConfig
 
-    over = overrides(args)
-    config = args.config
-    if args.resume:
-        if not args.out:
-            raise ConfigError("--resume needs --out RUN_DIR: the folder of the search to continue")
-        saved = Path(args.out) / "config.yaml"
-        if not saved.is_file():
-            raise ConfigError(f"nothing to resume in {args.out}: it holds no config.yaml; drop "
-                              "--resume to start a new search")
-        config = saved  # flags given now override the saved run's settings
-    cfg = load_search_config(config, over)
-    result = search(cfg)
+    result = search(load_run_config(SearchConfig, args.config, overrides(args)))
     if args.json:
         print_json(result.policy.to_dict())
     else:
@@ -122,8 +153,10 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from mpqkit.search.registry import available_methods
+
     p = sub.add_parser("search", help="search a mixed-precision policy under a budget",
                        description="Search per-layer bit-widths on a proxy set under a complexity "
-                       "budget (asga, edmips, gmpq, seam, ...); writes RUN_DIR/policy.json.")
+                       f"budget ({', '.join(available_methods())}); writes RUN_DIR/policy.json.")
     add_search_args(p)
     p.set_defaults(func=cmd_search)

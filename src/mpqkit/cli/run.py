@@ -5,39 +5,38 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from mpqkit.cli import (
+from mpqkit.cli.args import (
     add_data_args,
+    add_optim_args,
     add_quant_args,
     add_run_dir_args,
     overrides,
     print_json,
     require,
+    section,
 )
 
 
 def add_run_args(p: argparse.ArgumentParser, quantized: bool) -> None:
+    """Flags of :class:`~mpqkit.engine.config.RunConfig` for ``train`` / ``finetune``."""
     p.add_argument("--config", metavar="FILE.yaml", help="YAML defaults; flags override them")
     p.add_argument("--model", dest="model", metavar="NAME",
                    help="resnet20, resnet18_cifar, a torchvision name, or package.module:factory")
     p.add_argument("--num-classes", dest="num_classes", type=int, metavar="N")
+    p.add_argument("--input-size", dest="input_size", type=int, metavar="PX",
+                   help="input resolution (default: the dataset's native size)")
     p.add_argument("--weights", dest="weights", metavar="FILE",
                    help="full-precision weights (safetensors), or 'bundled'")
     p.add_argument("--epochs", dest="epochs", type=int, metavar="N")
     p.add_argument("--max-steps-per-epoch", dest="max_steps_per_epoch", type=int, metavar="N",
                    help="cut every epoch short (quick checks)")
+    p.add_argument("--eval-every", dest="eval_every", type=int, metavar="N",
+                   help="evaluate every N epochs (and after the last; default 1)")
     add_run_dir_args(p, "runs/COMMAND/MODEL-DATA-TIME", "continue the interrupted run in --out")
-    p.add_argument("--save-every-min", dest="save_every_min", type=float, metavar="MIN",
-                   help="mid-epoch checkpoint period (default 5; 0 = per epoch only)")
     p.add_argument("--amp", dest="amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast on GPU")
     add_data_args(p)
-    o = p.add_argument_group("optimizer")
-    o.add_argument("--lr", dest="optim.lr", type=float)
-    o.add_argument("--momentum", dest="optim.momentum", type=float)
-    o.add_argument("--weight-decay", dest="optim.weight_decay", type=float)
-    o.add_argument("--schedule", dest="optim.schedule", choices=["cosine", "step", "constant"])
-    o.add_argument("--warmup-epochs", dest="optim.warmup_epochs", type=float)
-    o.add_argument("--label-smoothing", dest="optim.label_smoothing", type=float)
+    add_optim_args(p)
     if quantized:
         q = p.add_argument_group("quantization")
         q.add_argument("--policy", dest="policy", metavar="FILE|wWaA",
@@ -52,13 +51,21 @@ def add_run_args(p: argparse.ArgumentParser, quantized: bool) -> None:
 
 
 def _run(args: argparse.Namespace, quantized: bool) -> int:
-    from mpqkit.engine import RunConfig, finetune, load_config, train
+    from mpqkit.engine import RunConfig, finetune, load_run_config, train
 
-    cfg = load_config(RunConfig, args.config, overrides(args))
+    cfg = load_run_config(RunConfig, args.config, overrides(args))
     result = (finetune if quantized else train)(cfg)
     print(f"result: {result.summary()}")
     print(f"run folder: {result.run_dir}")
     return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    return _run(args, quantized=False)
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    return _run(args, quantized=True)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -107,20 +114,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     ckpt = require(args.checkpoint, "--checkpoint", "pass RUN_DIR/best.safetensors")
     _, meta = load_checkpoint_model(ckpt)  # validates the checkpoint before touching data
-    d = {k.split(".", 1)[1]: v for k, v in overrides(args, ["checkpoint", "device"]).items()
-         if k.startswith("data.")}
+    d = section(args, "data", ["checkpoint", "device"])
     d.setdefault("name", meta.get("dataset", "cifar10"))
     res = evaluate(ckpt, from_dict(DataConfig, d, "data"), device=args.device or "auto")
     if args.json:
         print_json(res)
     else:
-        line = (f"{res['model']} {res['checkpoint']}: top-1 {res['top1']:.2f}%, top-5 "
-                f"{res['top5']:.2f}%, loss {res['loss']:.4f} on {res['data']}")
-        if "bitops" in res:
-            line += (f"; BitOps {res['bitops'] / 1e9:.4f}G, size {res['size_mb']:.4f} MB, "
-                     f"avg bits w{res['avg_w_bits']:.2f}/a{res['avg_a_bits']:.2f}")
-        print(line)
+        print(format_eval(res))
     return 0
+
+
+def format_eval(res: dict[str, Any]) -> str:
+    line = (f"{res['model']} {res['checkpoint']}: top-1 {res['top1']:.2f}%, top-5 "
+            f"{res['top5']:.2f}%, loss {res['loss']:.4f} on {res['data']}")
+    if "bitops" in res:
+        line += (f"; BitOps {res['bitops'] / 1e9:.4f}G, size {res['size_mb']:.4f} MB, "
+                 f"avg bits w{res['avg_w_bits']:.2f}/a{res['avg_a_bits']:.2f}")
+    return line
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -136,13 +146,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("train", help="train a full-precision baseline")
     add_run_args(p, quantized=False)
-    p.add_argument("--input-size", dest="input_size", type=int)
-    p.set_defaults(func=lambda a: _run(a, False))
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("finetune", help="quantization-aware fine-tuning with a policy")
     add_run_args(p, quantized=True)
-    p.add_argument("--input-size", dest="input_size", type=int)
-    p.set_defaults(func=lambda a: _run(a, True))
+    p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on a test split")
     p.add_argument("--checkpoint", required=True, metavar="FILE")
