@@ -81,11 +81,11 @@ def qat_step_fn(x: torch.Tensor, y: torch.Tensor, device: torch.device) -> Calla
 
 def supernet_step_fn(args: argparse.Namespace, method: str, tmp: Path,
                      teacher: Path) -> tuple[Callable[[], None], tuple[torch.Tensor, ...]]:
-    kw = {"teacher": str(teacher)} if method == "gmpq" else {}
+    kw = {"options": {"teacher": str(teacher)}} if method == "gmpq" else {}
     cfg = base_config(args, method, tmp / method, **kw)
     (tmp / method).mkdir(parents=True, exist_ok=True)
     ctx = build_context(cfg, tmp / method)
-    impl = type(get_method(method).impl)()
+    impl = get_method(method).impl()
     run = SupernetSearch(ctx, impl)
     impl.setup(ctx, run.supernet)
     x, y = ctx.batches(1)[0]
@@ -146,7 +146,7 @@ def measure_steps(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 def measure_wall(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for method in args.methods.split(","):
-        kw = {"teacher_epochs": args.teacher_epochs} if method == "gmpq" else {}
+        kw = {"options": {"teacher_epochs": args.teacher_epochs}} if method == "gmpq" else {}
         cfg = base_config(args, method, tmp / f"wall-{method}", **kw)
         t0 = time.time()
         res = search(cfg)

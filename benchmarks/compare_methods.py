@@ -31,14 +31,15 @@ def run_method(method: str, args: argparse.Namespace) -> dict[str, Any]:
     root = Path(args.out) / method
     sdir, fdir = root / "search", root / "finetune"
     if not (sdir / "policy.json").is_file():
+        opts = ({"hawq_batches": args.hawq_batches, "hawq_iters": args.hawq_iters}
+                if method == "hawq" else None)
         cfg = SearchConfig(model=args.model, method=method, budget=args.budget,
                            epochs=args.search_epochs, seed=args.seed, out=str(sdir),
-                           overwrite=True, progress=False)
+                           overwrite=True, progress=False, options=opts)
         cfg.data = DataConfig(name="cifar10", subset=args.subset, seed=args.seed,
                               batch_size=args.search_batch_size)
         if method in NEEDS_FP:
             cfg.weights = "bundled"
-        cfg.hawq_batches, cfg.hawq_iters = args.hawq_batches, args.hawq_iters
         search(cfg)
     policy = Policy.load(sdir / "policy.json")
     prov = policy.provenance

@@ -12,11 +12,9 @@ from mpqkit.cli import main
 from mpqkit.models import build_model
 from mpqkit.policy import Policy
 from mpqkit.report import make_report, read_alpha
+from mpqkit.search.loop import CSV_FIELDS
 
-SEARCH_FIELDS = ["epoch", "steps", "lr_w", "lr_alpha", "loss", "acc", "task_loss", "extra_loss",
-                 "expected_bitops", "expected_size_mb", "expected_ratio", "argmax_bitops",
-                 "argmax_size_mb", "lambda", "rho", "h", "cos", "decidedness", "epoch_seconds",
-                 "images_per_s"]
+SEARCH_FIELDS = list(CSV_FIELDS)
 
 
 def _write_csv(path: Path, fields: list[str], rows: list[dict]) -> None:
@@ -32,7 +30,8 @@ def policy() -> Policy:
     p.layers["layer1.0.conv1"].w_bits = 2
     p.budget = {"kind": "bitops", "value": 7e8, "spec": "w4a4"}
     p.provenance.update(method="asga", wall_time_s=123.4, dataset="cifar10",
-                        search_cost={"images_processed": 50000})
+                        search_cost={"images_processed": 50000},
+                        repair={"changed_layers": ["layer1.0.conv2", "layer2.0.conv1"]})
     return p
 
 
@@ -81,6 +80,7 @@ def test_single_search_run(tmp_path, policy):
     row = res["runs"][0]["summary"]
     assert row["method"] == "asga" and row["search_seconds"] == 123.4
     assert row["search_images"] == 50000 and row["search_acc"] == 70
+    assert row["layers_repaired"] == 2
 
 
 def test_several_runs_give_a_table(tmp_path, policy, capsys):

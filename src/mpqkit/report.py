@@ -27,6 +27,7 @@ from typing import Any
 
 from mpqkit.errors import ConfigError, PolicyError
 from mpqkit.policy import Policy
+from mpqkit.search.context import Provenance
 
 # panels of the search curves: title -> regular expression over the CSV column names
 # (``mpqkit search`` writes epoch, loss, acc, task_loss, extra_loss, expected_bitops,
@@ -128,7 +129,8 @@ def plot_bits(policy: Policy, path: str | Path, title: str = "") -> Path:
     ax.set_ylim(0, 9.5)
     ax.legend(fontsize=8, loc="upper right")
     c = policy.complexity()
-    ax.set_title(title or (f"{policy.model or 'policy'} ({policy.provenance.get('method', '?')})"
+    method = Provenance.from_dict(policy.provenance).method
+    ax.set_title(title or (f"{policy.model or 'policy'} ({method})"
                            f": {c.bitops / 1e9:.3f}G BitOps, {c.size_mb:.3f} MB, avg w"
                            f"{c.avg_w_bits:.2f}/a{c.avg_a_bits:.2f}; hatched = fixed"),
                  fontsize=9)
@@ -311,15 +313,13 @@ def summarize_run(run_dir: str | Path) -> dict[str, Any]:
     if pol_path.is_file():
         pol = Policy.load(pol_path)
         c = pol.complexity()
-        prov = pol.provenance
-        row.update(method=prov.get("method", ""), model=pol.model,
+        prov = Provenance.from_dict(pol.provenance)
+        row.update(method=prov.method, model=pol.model,
                    budget=(pol.budget or {}).get("spec", ""), bitops_g=c.bitops / 1e9,
                    size_mb=c.size_mb, avg_w_bits=c.avg_w_bits, avg_a_bits=c.avg_a_bits,
-                   search_data=prov.get("dataset", prov.get("data", "")),
-                   search_seconds=_num(prov.get("wall_time_s", prov.get("seconds"))),
-                   search_images=_num(prov.get("images_processed",
-                                               (prov.get("search_cost") or {}).get(
-                                                   "images_processed"))))
+                   search_data=prov.dataset, search_seconds=prov.wall_time_s,
+                   search_images=prov.images_processed,
+                   layers_repaired=len(prov.repaired_layers) if prov.repair else None)
     metrics = read_csv(run_dir / "metrics.csv")
     accs = [_num(r.get("eval_acc")) for r in metrics]
     accs = [a for a in accs if a is not None]
@@ -341,6 +341,7 @@ TABLE_COLUMNS = [("run", "run"), ("method", "method"), ("model", "model"), ("bud
                  ("bitops_g", "BitOps (G)"), ("size_mb", "size (MB)"),
                  ("avg_w_bits", "avg w bits"), ("avg_a_bits", "avg a bits"),
                  ("search_seconds", "search time (s)"), ("search_images", "search images"),
+                 ("layers_repaired", "layers repaired"),
                  ("search_acc", "search acc (%)"),
                  ("final_acc", "final acc (%)"), ("best_acc", "best acc (%)")]
 

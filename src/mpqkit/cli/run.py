@@ -109,14 +109,11 @@ def format_info(res: dict[str, Any]) -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from mpqkit.data import DataConfig
-    from mpqkit.engine import evaluate, from_dict, load_checkpoint_model
+    from mpqkit.engine import evaluate
 
     ckpt = require(args.checkpoint, "--checkpoint", "pass RUN_DIR/best.safetensors")
-    _, meta = load_checkpoint_model(ckpt)  # validates the checkpoint before touching data
-    d = section(args, "data", ["checkpoint", "device"])
-    d.setdefault("name", meta.get("dataset", "cifar10"))
-    res = evaluate(ckpt, from_dict(DataConfig, d, "data"), device=args.device or "auto")
+    res = evaluate(ckpt, section(args, "data", ["checkpoint", "device"]),
+                   device=args.device or "auto")
     if args.json:
         print_json(res)
     else:

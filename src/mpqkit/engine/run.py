@@ -51,12 +51,26 @@ log = logging.getLogger("mpqkit")
 C = TypeVar("C")
 
 
+class _StdoutHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stdout`` is when a message comes (it may be replaced later)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def setup_logging(run_dir: Path | None, is_main: bool) -> None:
     """Messages to stdout (rank 0 only) and, with a run folder, to ``RUN_DIR/log.txt``."""
+    for old in log.handlers:
+        old.close()
     log.handlers.clear()
     log.setLevel(logging.INFO if is_main else logging.WARNING)
     log.propagate = False
-    h = logging.StreamHandler(sys.stdout)
+    h = _StdoutHandler()
     h.setFormatter(logging.Formatter("%(message)s"))
     log.addHandler(h)
     if run_dir is not None and is_main:

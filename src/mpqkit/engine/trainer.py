@@ -31,7 +31,7 @@ from mpqkit.engine.checkpoint import (
     load_model_state,
     read_checkpoint,
 )
-from mpqkit.engine.config import RunConfig, to_dict
+from mpqkit.engine.config import RunConfig, from_dict, to_dict
 from mpqkit.engine.distributed import all_reduce_sum, barrier, resolve_device
 from mpqkit.engine.run import EpochStats, LoopState, Run, RunFiles, StepOut, fit, log, resume
 from mpqkit.errors import ConfigError
@@ -334,10 +334,18 @@ def finetune(cfg: RunConfig) -> RunResult:
     return _run(cfg, "finetune", quantized=True)
 
 
-def evaluate(checkpoint: str | Path, data: DataConfig, device: str = "auto") -> dict[str, Any]:
-    """Top-1/top-5 and loss of a checkpoint on ``data``'s test split (and its policy's cost)."""
+def evaluate(checkpoint: str | Path, data: DataConfig | Mapping[str, Any] | None = None,
+             device: str = "auto") -> dict[str, Any]:
+    """Top-1/top-5 and loss of a checkpoint on ``data``'s test split (and its policy's cost).
+
+    ``data``: a :class:`DataConfig`, or a mapping of its fields whose dataset ``name`` defaults
+    to the checkpoint's (the checkpoint is read, and checked, before any data).
+    """
     dev = resolve_device(device)
     model, meta = load_checkpoint_model(checkpoint)
+    if not isinstance(data, DataConfig):
+        data = from_dict(DataConfig, {"name": meta.get("dataset", "cifar10"), **(data or {})},
+                         "data")
     bundle = build_data(data)
     check_classes(meta, bundle.num_classes, bundle.name, str(checkpoint),
                   "evaluate on the dataset it was trained on")

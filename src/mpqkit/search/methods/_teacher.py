@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
@@ -17,6 +18,21 @@ from mpqkit.optim.factory import OptimConfig
 from mpqkit.search.context import SearchContext
 
 log = logging.getLogger("mpqkit")
+
+
+@dataclass
+class TeacherOptions:
+    """Options of a method that needs an FP model of the proxy set (its config derives this)."""
+
+    teacher: str | None = field(default=None, metadata={
+        "help": "full-precision checkpoint trained on the proxy set (default: train one "
+                "first, unless --weights gives the FP weights)"})
+    teacher_epochs: int = field(default=5, metadata={
+        "help": "epochs of the FP model trained when none is given"})
+
+    def __post_init__(self) -> None:
+        if self.teacher_epochs < 1:
+            raise ConfigError(f"teacher_epochs={self.teacher_epochs} must be at least 1")
 
 
 def proxy_fp_model(ctx: SearchContext, checkpoint: str | None, epochs: int, folder: str,

@@ -21,26 +21,20 @@ from torch import Tensor
 from mpqkit.errors import ConfigError
 from mpqkit.search.context import SearchContext, SupernetMethod
 from mpqkit.search.methods._taps import FeatureTap, find_feature_module, head_name
-from mpqkit.search.methods._teacher import proxy_fp_model
+from mpqkit.search.methods._teacher import TeacherOptions, proxy_fp_model
 from mpqkit.search.registry import register_method
 from mpqkit.search.supernet import Supernet
 
 
 @dataclass
-class GMPQConfig:
-    teacher: str | None = field(default=None, metadata={
-        "help": "full-precision teacher checkpoint trained on the proxy set (default: train "
-                "one first)"})
-    teacher_epochs: int = field(default=5, metadata={
-        "help": "epochs of the teacher (or FP model) trained when none is given"})
+class GMPQConfig(TeacherOptions):
     attr_weight: float = field(default=40.0, metadata={
         "help": "weight of the attribution-rank loss"})
     attr_power: float = field(default=3.0, metadata={
         "help": "power the teacher's attribution map is raised to"})
 
     def __post_init__(self) -> None:
-        if self.teacher_epochs < 1:
-            raise ConfigError(f"teacher_epochs={self.teacher_epochs} must be at least 1")
+        super().__post_init__()
         if self.attr_weight < 0:
             raise ConfigError(f"attr_weight={self.attr_weight} must be >= 0")
         if self.attr_power <= 0:

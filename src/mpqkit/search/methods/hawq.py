@@ -41,6 +41,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -50,6 +52,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from mpqkit.complexity import Budget, LayerInfo, layer_cost, policy_cost
 from mpqkit.errors import BudgetError, ConfigError
@@ -57,10 +60,11 @@ from mpqkit.quant.layers import QuantMixin, quantizable_layers
 from mpqkit.quant.quantizers import make_act_quantizer, make_weight_quantizer
 from mpqkit.search.budget import DEFAULT_TOL, check_feasible, solve_choices
 from mpqkit.search.context import MethodResult, SearchContext
-from mpqkit.search.methods._teacher import proxy_fp_model
+from mpqkit.search.methods._teacher import TeacherOptions, proxy_fp_model
 from mpqkit.search.registry import register_method
 
 CACHE_FILE = "hawq_traces.json"
+log = logging.getLogger("mpqkit")
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
@@ -72,16 +76,24 @@ def _rademacher(shape: torch.Size, gen: torch.Generator) -> Tensor:
 
 
 def hutchinson_trace(fn: Callable[[], tuple[Tensor, Sequence[Tensor]]], iters: int = 16,
-                     seed: int = 0, joint: bool = False) -> list[float]:
+                     seed: int = 0, joint: bool = True,
+                     on_sample: Callable[[], None] | None = None) -> list[float]:
     """Hutchinson estimates of the trace of each diagonal Hessian block.
 
-    ``fn()`` returns a scalar loss and the tensors (leaf parameters or intermediate activations
-    of its graph) whose blocks ``d^2 loss / d t^2`` are wanted. One gradient with
-    ``create_graph=True``, then per iteration a Rademacher vector per block (generator seeded
-    with ``seed``) and Hessian-vector products by double backward: one per block (exact block,
-    the default), or with ``joint=True`` one for all blocks together (cheaper, but the
-    cross-block terms, zero in expectation, add variance). Blocks the loss does not depend on
-    twice give 0.
+    ``fn()`` returns a scalar loss and the tensors ``t_b`` whose blocks ``d^2 loss / d t_b^2``
+    are wanted. One gradient with ``create_graph=True``, then per sample a Rademacher vector
+    per block (generator seeded with ``seed``) and Hessian-vector products by double backward:
+
+    * ``joint=True`` (default): ONE product ``Hv`` for the joint vector ``v`` over all blocks,
+      and ``v_b . (Hv)_b`` as block ``b``'s sample. Unbiased: ``E[v_b . (Hv)_b] = tr(H_bb) +
+      sum_{c != b} E[v_b^T H_bc v_c] = tr(H_bb)``, the ``v_c`` being independent of ``v_b`` with
+      mean 0; the cross terms add ``||H_b,rest||_F^2`` to the variance of a sample
+      (``2 sum_{i != j} H_ij^2`` inside the block). The tensors must be independent variables
+      (leaves: parameters, or the zero perturbations of :class:`InputPerturbation`), not
+      intermediates of one another.
+    * ``joint=False``: one product per block (the exact block; as many products as blocks).
+
+    Blocks the loss does not depend on twice give 0. ``on_sample()`` is called after each sample.
     """
     if iters < 1:
         raise ConfigError(f"Hutchinson iterations must be >= 1, got {iters}: e.g. 16")
@@ -107,7 +119,50 @@ def hutchinson_trace(fn: Callable[[], tuple[Tensor, Sequence[Tensor]]], iters: i
             for i, v, hv in zip(live, vs, hvs, strict=True):
                 if hv is not None:
                     sums[i] += float((hv * v).sum())
+            if on_sample is not None:
+                on_sample()
     return [s / iters for s in sums]
+
+
+class InputPerturbation:
+    """Forward pre-hooks that feed each named layer ``x + d`` with ``d = 0`` a leaf tensor.
+
+    ``d/dd`` of the loss is the derivative with respect to the layer's input activation, and
+    Hessian-vector products with respect to ``d`` are those of the activation, while the path
+    from earlier layers through the activation stays in the graph (a joint product over the
+    weights and the activations of all layers needs both: detaching the input would cut the
+    earlier layers off). ``deltas`` maps the layers seen in the last forward, in call order, to
+    their ``d`` (a layer called twice in one forward: its first call is perturbed). Use as a
+    context manager; :meth:`reset` before each forward.
+    """
+
+    def __init__(self, mods: Mapping[str, nn.Module], names: Sequence[str]) -> None:
+        self.mods = {n: mods[n] for n in names}
+        self.deltas: dict[str, Tensor] = {}
+        self._hooks: list[Any] = []
+
+    def _hook(self, name: str) -> Callable[..., Any]:
+        def fn(mod: nn.Module, inp: tuple[Tensor, ...]) -> tuple[Tensor, ...] | None:
+            if name in self.deltas:
+                return None
+            d = torch.zeros_like(inp[0], requires_grad=True)
+            self.deltas[name] = d
+            return (inp[0] + d, *inp[1:])
+
+        return fn
+
+    def reset(self) -> None:
+        self.deltas = {}
+
+    def __enter__(self) -> InputPerturbation:
+        self._hooks = [m.register_forward_pre_hook(self._hook(n)) for n, m in self.mods.items()]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        self.reset()
 
 
 @dataclass
@@ -125,6 +180,7 @@ class LayerTraces:
     hvps: int = 0  # Hessian-vector products computed
     seconds: float = 0.0
     key: str = ""
+    joint: bool = True  # estimator: one product for all blocks per sample, or one per block
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -141,16 +197,9 @@ def _as_xy(batch: Any) -> tuple[Tensor, Tensor]:
                       "batches")
 
 
-def layer_traces(model: nn.Module, batches: Iterable[Any], layers: Sequence[str] | None = None,
-                 *, loss_fn: LossFn = F.cross_entropy, iters: int = 16, seed: int = 0,
-                 activations: bool = True, joint: bool = False,
-                 device: torch.device | str | None = None) -> LayerTraces:
-    """Per-layer Hutchinson traces of the loss Hessian, averaged over ``batches``.
-
-    ``layers``: names of quantizable layers (default: all). The model must be full precision
-    (quantizers are not twice differentiable); it runs in eval mode, its mode and parameters'
-    ``requires_grad`` are restored. Batch ``k`` uses the seed ``seed + k``.
-    """
+def _fp_layers(model: nn.Module, layers: Sequence[str] | None) -> tuple[dict[str, nn.Module],
+                                                                        list[str]]:
+    """The quantizable layers of a float model and the checked names of those measured."""
     mods = quantizable_layers(model)
     if any(isinstance(m, QuantMixin) for m in mods.values()):
         raise ConfigError("HAWQ measures the full-precision model: pass the float model (e.g. "
@@ -160,68 +209,82 @@ def layer_traces(model: nn.Module, batches: Iterable[Any], layers: Sequence[str]
     if unknown:
         raise ConfigError(f"layers {', '.join(unknown[:8])} are not quantizable layers of the "
                           "model: use the names from `mpqkit info`")
+    return mods, names
+
+
+def _batch_traces(model: nn.Module, x: Tensor, y: Tensor, weights: list[Tensor],
+                  pert: InputPerturbation, loss_fn: LossFn, iters: int, seed: int, joint: bool,
+                  on_sample: Callable[[], None] | None) -> tuple[list[float], dict[str, float],
+                                                                 dict[str, int]]:
+    """One batch's weight traces (in ``weights`` order) and activation traces and sizes."""
+    pert.reset()
+
+    def closure() -> tuple[Tensor, list[Tensor]]:
+        loss = loss_fn(model(x), y)
+        return loss, [*weights, *pert.deltas.values()]
+
+    tr = hutchinson_trace(closure, iters, seed, joint, on_sample)
+    ran = list(pert.deltas)  # layers whose input was seen (a layer may not run)
+    act = {n: tr[len(weights) + i] for i, n in enumerate(ran)}
+    return tr[: len(weights)], act, {n: int(pert.deltas[n][0].numel()) for n in ran}
+
+
+def layer_traces(model: nn.Module, batches: Iterable[Any], layers: Sequence[str] | None = None,
+                 *, loss_fn: LossFn = F.cross_entropy, iters: int = 16, seed: int = 0,
+                 activations: bool = True, joint: bool = True,
+                 device: torch.device | str | None = None, progress: bool = False) -> LayerTraces:
+    """Per-layer Hutchinson traces of the loss Hessian, averaged over ``batches``.
+
+    ``layers``: names of quantizable layers (default: all). The model must be full precision
+    (quantizers are not twice differentiable); it runs in eval mode, its mode and parameters'
+    ``requires_grad`` are restored. Batch ``k`` uses the seed ``seed + k``: the result is a
+    function of the model, the batches and the seed. ``joint``: the estimator (see
+    :func:`hutchinson_trace`). ``progress``: a bar on stderr when it is a terminal; one log
+    line per batch either way.
+    """
+    mods, names = _fp_layers(model, layers)
     dev = torch.device(device) if device is not None else next(model.parameters()).device
+    batches = list(batches)
     weights = [mods[n].weight for n in names]
-    was_training = model.training
-    req = [p.requires_grad for p in weights]
-    captured: dict[str, Tensor] = {}
-
-    def pre_hook(name: str):  # type: ignore[no-untyped-def]
-        def fn(mod: nn.Module, inp: tuple[Tensor, ...]):  # type: ignore[no-untyped-def]
-            x = inp[0].clone()
-            if not x.requires_grad:
-                x.requires_grad_(True)
-            captured[name] = x
-            return (x, *inp[1:])
-
-        return fn
-
-    hooks = [mods[n].register_forward_pre_hook(pre_hook(n)) for n in names] if activations else []
-    w_sum = dict.fromkeys(names, 0.0)
-    a_sum = dict.fromkeys(names, 0.0)
+    was_training, req = model.training, [p.requires_grad for p in weights]
+    w_sum, a_sum = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0)
     a_numel: dict[str, int] = {}
-    nb = images = hvps = 0
+    images = hvps = 0
     t0 = time.time()
+    bar = tqdm(total=len(batches) * iters, desc="hawq traces", leave=False, file=sys.stderr,
+               disable=not progress or None, dynamic_ncols=True)
     model.eval()
     for p in weights:
         p.requires_grad_(True)
     try:
-        for k, batch in enumerate(batches):
-            x, y = _as_xy(batch)
-            x, y = x.to(dev), y.to(dev)
-            captured.clear()
-
-            ran: list[str] = []  # layers whose input was seen (a layer may not run)
-
-            def closure(x: Tensor = x, y: Tensor = y,
-                        ran: list[str] = ran) -> tuple[Tensor, list[Tensor]]:
-                loss = loss_fn(model(x), y)
-                ran[:] = [n for n in names if n in captured] if activations else []
-                return loss, [*weights, *(captured[n] for n in ran)]
-
-            tr = hutchinson_trace(closure, iters, seed + k, joint)
-            hvps += iters * (1 if joint else len(names) + len(ran))
-            for i, n in enumerate(names):
-                w_sum[n] += tr[i]
-            for i, n in enumerate(ran):
-                a_sum[n] += tr[len(names) + i]
-                a_numel[n] = int(captured[n][0].numel())
-            nb += 1
-            images += int(x.shape[0])
+        with InputPerturbation(mods, names if activations else []) as pert:
+            for k, batch in enumerate(batches):
+                x, y = (t.to(dev) for t in _as_xy(batch))
+                tw, ta, numel = _batch_traces(model, x, y, weights, pert, loss_fn, iters,
+                                              seed + k, joint, bar.update)
+                for n, t in zip(names, tw, strict=True):
+                    w_sum[n] += t
+                for n, t in ta.items():
+                    a_sum[n] += t
+                a_numel.update(numel)
+                hvps += iters * (1 if joint else len(names) + len(ta))
+                images += int(x.shape[0])
+                log.info(f"hawq: trace batch {k + 1}/{len(batches)}: {int(x.shape[0])} images, "
+                         f"{iters} samples, {hvps} Hessian-vector products, "
+                         f"{time.time() - t0:.1f}s")
     finally:
-        for h in hooks:
-            h.remove()
+        bar.close()
         for p, r in zip(weights, req, strict=True):
             p.requires_grad_(r)
         model.train(was_training)
-        captured.clear()
-    if nb == 0:
+    if not batches:
         raise ConfigError("HAWQ got no batches: give at least one proxy batch")
+    nb = len(batches)
     return LayerTraces(
         weight={n: w_sum[n] / nb for n in names}, act={n: a_sum[n] / nb for n in names},
         weight_numel={n: int(mods[n].weight.numel()) for n in names},
         act_numel={n: a_numel.get(n, 0) for n in names}, batches=nb, iters=iters, seed=seed,
-        images=images, hvps=hvps, seconds=round(time.time() - t0, 3))
+        images=images, hvps=hvps, seconds=round(time.time() - t0, 3), joint=joint)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -394,9 +457,9 @@ def hawq_search(model: nn.Module, batches: Iterable[Any], budget: Budget,
                 fixed_bits: Mapping[str, tuple[int, int]], w_cands: Sequence[int],
                 a_cands: Sequence[int], *, iters: int = 16, seed: int = 0,
                 tol: float = DEFAULT_TOL, per_channel: bool = False,
-                activations: bool = True, joint: bool = False,
-                run_dir: str | Path | None = None,
-                loss_fn: LossFn = F.cross_entropy, cache_extra: str = "") -> HawqResult:
+                activations: bool = True, joint: bool = True,
+                run_dir: str | Path | None = None, loss_fn: LossFn = F.cross_entropy,
+                cache_extra: str = "", progress: bool = False) -> HawqResult:
     """Hessian traces (cached in ``run_dir``), sensitivities and the ILP, on the FP ``model``.
 
     ``batches``: a few labelled proxy batches (the first is also the activation calibration
@@ -420,7 +483,7 @@ def hawq_search(model: nn.Module, batches: Iterable[Any], budget: Budget,
     cached = traces is not None
     if traces is None:
         traces = layer_traces(model, batches, layers, loss_fn=loss_fn, iters=iters, seed=seed,
-                              activations=activations, joint=joint)
+                              activations=activations, joint=joint, progress=progress)
         traces.key = key
         if cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)
@@ -441,12 +504,7 @@ def hawq_search(model: nn.Module, batches: Iterable[Any], budget: Budget,
 # the search-loop method
 # ----------------------------------------------------------------------------------------------
 @dataclass
-class HawqConfig:
-    teacher: str | None = field(default=None, metadata={
-        "help": "full-precision checkpoint trained on the proxy set, when --weights is not "
-                "given (default: train one first)"})
-    teacher_epochs: int = field(default=5, metadata={
-        "help": "epochs of the teacher (or FP model) trained when none is given"})
+class HawqConfig(TeacherOptions):
     hawq_batches: int = field(default=4, metadata={
         "help": "proxy batches the Hessian traces are averaged over"})
     hawq_iters: int = field(default=16, metadata={
@@ -456,11 +514,14 @@ class HawqConfig:
     hawq_activations: bool = field(default=True, metadata={
         "help": "measure activation traces too (off: a layer's activation bits = its weight "
                 "bits)"})
-    hawq_joint: bool = field(default=False, metadata={
-        "help": "one double backward for all layers per sample (cheaper, noisier)"})
+    hawq_joint: bool = field(default=True, metadata={
+        "help": "the joint estimator: one Hessian-vector product for all layers per sample "
+                "(default since it is unbiased and layers-times cheaper; false: one product "
+                "per layer and block, the exact block, much slower)"})
 
     def __post_init__(self) -> None:
-        for name in ("teacher_epochs", "hawq_batches", "hawq_iters"):
+        super().__post_init__()
+        for name in ("hawq_batches", "hawq_iters"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be at least 1")
 
@@ -487,7 +548,8 @@ def hawq_method(ctx: SearchContext) -> MethodResult:
                       ctx.w_candidates, ctx.a_candidates, iters=opts.hawq_iters, seed=cfg.seed,
                       tol=cfg.tol, per_channel=cfg.quant.per_channel,
                       activations=opts.hawq_activations, joint=opts.hawq_joint,
-                      run_dir=ctx.run_dir, cache_extra=record["hawq_fp_model"])
+                      run_dir=ctx.run_dir, cache_extra=record["hawq_fp_model"],
+                      progress=cfg.progress)
     (ctx.run_dir / "hawq_sensitivity.json").write_text(json.dumps(
         {"traces": res.traces.to_dict(), "omega": res.sensitivity.to_dict()}, indent=1) + "\n")
     return MethodResult(res.bits, {**record, **res.provenance()})
