@@ -284,20 +284,23 @@ def is_uniform_spec(text: str) -> bool:
 
 
 def parse_budget(*, bitops: str | None = None, uniform: str | None = None,
-                 size_mb: float | str | None = None, infos: Mapping[str, LayerInfo],
-                 fixed_bits: Mapping[str, tuple[int, int]],
+                 size_mb: float | str | None = None, bits: float | str | None = None,
+                 infos: Mapping[str, LayerInfo], fixed_bits: Mapping[str, tuple[int, int]],
                  searchable: Sequence[str]) -> Budget:
-    """A :class:`Budget` from exactly one of ``bitops``, ``uniform`` or ``size_mb``.
+    """A :class:`Budget` from exactly one of ``bitops``, ``uniform``, ``size_mb`` or ``bits``.
 
     ``bitops``: a count such as ``"1.2G"`` or ``"3.5e8"``; for convenience a uniform spec
     (``"w4a4"``) or a size (``"0.5MB"``) given here is read as such. ``uniform``: ``"w3a3"`` means
     the BitOps of the policy with every searchable layer at w3a3 and the fixed layers at their
-    ``fixed_bits``. ``size_mb``: megabytes (10^6 bytes) of quantized weights.
+    ``fixed_bits``. ``size_mb``: megabytes (10^6 bytes) of quantized weights. ``bits``: an
+    average bit-width ``b`` (e.g. 2.5): the BitOps of every searchable layer at ``b x b`` bits,
+    fixed layers at their ``fixed_bits`` (the EdMIPS/GMPQ way of stating a budget).
     """
-    given = [v for v in (bitops, uniform, size_mb) if v not in (None, "")]
+    given = [v for v in (bitops, uniform, size_mb, bits) if v not in (None, "")]
     if len(given) != 1:
         raise ConfigError("give exactly one budget: BitOps (e.g. 1.2G), a uniform policy "
-                          "(e.g. w4a4) or a model size in MB (e.g. 0.5MB)")
+                          "(e.g. w4a4), average bits (e.g. 2.5) or a model size in MB "
+                          "(e.g. 0.5MB)")
     if bitops not in (None, ""):
         text = str(bitops)
         if _UNIFORM_RE.fullmatch(text):
@@ -310,21 +313,52 @@ def parse_budget(*, bitops: str | None = None, uniform: str | None = None,
                 raise ConfigError(f"budget {text!r} must be a positive BitOps count: e.g. 1.2G")
             return Budget("bitops", float(value), text.strip())
     if uniform not in (None, ""):
-        spec = str(uniform).strip().lower()
-        w, a = _uniform_bits(spec)
-        if w >= FP or a >= FP:
-            raise ConfigError(f"uniform budget {spec} has full-precision layers, which count no "
-                              "BitOps: give quantized bits such as w4a4")
-        missing = [n for n in infos if n not in fixed_bits and n not in set(searchable)]
-        if missing:
-            raise ConfigError(f"layers {', '.join(missing[:8])} are neither searchable nor fixed: "
-                              "list every quantizable layer in one of the two")
-        bits = {n: tuple(fixed_bits[n]) if n in fixed_bits else (w, a) for n in infos}
-        value = policy_cost(infos, bits, "bitops")  # type: ignore[arg-type]
-        if not value > 0:
-            raise ConfigError(f"uniform budget {spec} gives 0 BitOps on this model: give an "
-                              "absolute budget such as 1.2G")
-        return Budget("bitops", value, spec)
+        return _uniform_budget(str(uniform).strip().lower(), infos, fixed_bits, searchable)
+    if bits not in (None, ""):
+        return _bits_budget(bits, infos, fixed_bits, searchable)
+    return _size_budget(size_mb)
+
+
+def _check_covered(infos: Mapping[str, LayerInfo], fixed_bits: Mapping[str, tuple[int, int]],
+                   searchable: Sequence[str]) -> None:
+    missing = [n for n in infos if n not in fixed_bits and n not in set(searchable)]
+    if missing:
+        raise ConfigError(f"layers {', '.join(missing[:8])} are neither searchable nor fixed: "
+                          "list every quantizable layer in one of the two")
+
+
+def _uniform_budget(spec: str, infos: Mapping[str, LayerInfo],
+                    fixed_bits: Mapping[str, tuple[int, int]], searchable: Sequence[str]) -> Budget:
+    w, a = _uniform_bits(spec)
+    if w >= FP or a >= FP:
+        raise ConfigError(f"uniform budget {spec} has full-precision layers, which count no "
+                          "BitOps: give quantized bits such as w4a4")
+    _check_covered(infos, fixed_bits, searchable)
+    bits = {n: tuple(fixed_bits[n]) if n in fixed_bits else (w, a) for n in infos}
+    value = policy_cost(infos, bits, "bitops")  # type: ignore[arg-type]
+    if not value > 0:
+        raise ConfigError(f"uniform budget {spec} gives 0 BitOps on this model: give an "
+                          "absolute budget such as 1.2G")
+    return Budget("bitops", value, spec)
+
+
+def _bits_budget(bits: float | str, infos: Mapping[str, LayerInfo],
+                 fixed_bits: Mapping[str, tuple[int, int]], searchable: Sequence[str]) -> Budget:
+    try:
+        b = float(str(bits).strip().lower().removesuffix("bits").removesuffix("bit"))
+    except ValueError:
+        raise ConfigError(f"cannot read the average-bits budget {bits!r}: write a number of "
+                          "bits, e.g. 2.5") from None
+    if not 2 <= b <= 8:
+        raise ConfigError(f"average-bits budget {b:g} is outside 2..8 bits: e.g. 2.5 or 3")
+    _check_covered(infos, fixed_bits, searchable)
+    s = set(searchable)
+    value = sum(infos[n].macs * b * b for n in infos if n in s)
+    value += sum(layer_cost(infos[n], *fixed_bits[n], "bitops") for n in fixed_bits)
+    return Budget("bitops", float(value), f"{b:g}bits")
+
+
+def _size_budget(size_mb: float | str | None) -> Budget:
     text = str(size_mb).strip()
     m = _MB_RE.fullmatch(text)
     try:

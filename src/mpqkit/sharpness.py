@@ -249,8 +249,9 @@ def sharpness_from_checkpoint(checkpoint: str | Path,
     if cfg.mean is None and meta.get("mean"):
         over["mean"] = tuple(meta["mean"])
         over["std"] = tuple(meta["std"])
-    if cfg.input_size is None and meta.get("input_size"):
-        over["input_size"] = int(meta["input_size"])
+    size = meta.get("input_size")
+    if cfg.input_size is None and size:  # an int, or [h, w] (a search's supernet)
+        over["input_size"] = int(size[0] if isinstance(size, list | tuple) else size)
     cfg = replace(cfg, **over)
     bundle = build_data(cfg)
     check_classes(meta, bundle.num_classes, bundle.name, str(checkpoint),

@@ -29,7 +29,8 @@ def test_uniform_is_the_largest_uniform_within_budget(setup):
     assert all(bits[n] == fixed[n] for n in fixed)
     just_below = Budget("bitops", b4.value - 1, "x")
     bits = uniform_bits(infos, just_below, searchable, fixed, C, C)
-    assert {bits[n] for n in searchable} == {(4, 3)}  # 12 < 16; ties with 6x2: more balanced
+    # 12 < 16: ties w4a3, w3a4, w6a2, w2a6 -> the more balanced, then more activation bits
+    assert {bits[n] for n in searchable} == {(3, 4)}
     bits = uniform_bits(infos, just_below, searchable, fixed, C, C, same_bits=True)
     assert {bits[n] for n in searchable} == {(3, 3)}
     assert policy_cost(infos, bits, "bitops") <= just_below.value
@@ -70,3 +71,21 @@ def test_methods_plug_into_search(tiny_folder, tmp_path):
             assert cost >= 0.98 * res.budget.value
         else:  # the loop leaves uniform alone
             assert len({res.policy.bits()[n] for n in res.policy.searchable()}) == 1
+
+
+def test_uniform_at_2_5_bits_prefers_more_activation_bits_and_says_what_it_skipped(
+        tiny_folder, tmp_path):
+    from mpqkit.data import DataConfig
+    from mpqkit.search import SearchConfig, search
+
+    cfg = SearchConfig(model="resnet20", method="uniform", budget_bits=2.5, out=str(tmp_path),
+                       overwrite=True, progress=False,
+                       data=DataConfig(name=f"imagefolder:{tiny_folder}", batch_size=8,
+                                       cache_dir=str(tmp_path / "cache")))
+    res = search(cfg)
+    pol = res.policy
+    assert {pol.bits()[n] for n in pol.searchable()} == {(2, 3)}
+    prov = pol.provenance
+    assert prov["uniform"] == "w2a3" and prov["uniform_ties_skipped"] == ["w3a2"]
+    assert prov["budget"]["spec"] == "2.5bits"
+    assert "w3a2 skipped" in (tmp_path / "log.txt").read_text()

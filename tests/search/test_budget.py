@@ -124,3 +124,22 @@ def test_solve_choices_minimises_within_band():
     assert solve_choices(costs, scores, 3.5, 4) == [1, 1]
     assert solve_choices(costs, scores, 5.5, 6) == [2, 2]
     assert solve_choices(costs, scores, 6.5, 7) is None
+
+
+def test_budget_in_average_bits():
+    infos = profile_model(build_model("resnet20"), 32)
+    fixed = {n: (8, 8) for n in first_last_layers(infos)}
+    kw = {"infos": infos, "fixed_bits": fixed,
+          "searchable": [n for n in infos if n not in fixed]}
+    three = parse_budget(bits=3, **kw)
+    assert three.value == parse_budget(uniform="w3a3", **kw).value and three.spec == "3bits"
+    b25 = parse_budget(bits="2.5", **kw)
+    fixed_cost = sum(infos[n].macs * 64 for n in fixed)
+    searched = sum(i.macs for n, i in infos.items() if n not in fixed)
+    assert b25.value == pytest.approx(fixed_cost + 6.25 * searched)
+    # w2a3 and w3a2 (6 bit-products) fit under 2.5 bits (6.25), w3a3 does not
+    assert parse_budget(uniform="w2a3", **kw).value < b25.value < three.value
+    with pytest.raises(ConfigError, match="outside 2..8"):
+        parse_budget(bits=1.5, **kw)
+    with pytest.raises(ConfigError, match="exactly one budget"):
+        parse_budget(bits=3, uniform="w3a3", **kw)

@@ -44,7 +44,7 @@ def test_a_new_method_needs_only_its_registration():
 
 def test_a_config_of_mpqkit_0_1_still_loads(tmp_path):
     old = {"model": "resnet20", "method": "gmpq", "budget": "w3a3", "lr_w": 0.2,
-           "lr_alpha": 0.02, "momentum": 0.8, "weight_decay": 1e-4, "schedule": "cosine",
+           "lr_alpha": 0.02, "momentum": 0.8, "weight_decay": 1e-4, "schedule": "constant",
            "step_size": 5, "rho0": 0.07, "adaptive": False, "perturb_logits": False,
            "teacher": None, "teacher_epochs": 3, "attr_weight": 20.0, "attr_power": 3.0,
            "seam_weight": 1.0, "seam_margin": 0.0, "hawq_batches": 4, "hawq_iters": 16,
@@ -52,8 +52,9 @@ def test_a_config_of_mpqkit_0_1_still_loads(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(old))
     cfg = load_search_config(path)
-    assert cfg.optim.lr == 0.2 and cfg.optim.momentum == 0.8 and cfg.optim.schedule == "cosine"
+    assert cfg.optim.lr == 0.2 and cfg.optim.momentum == 0.8 and cfg.optim.schedule == "constant"
     assert cfg.optim.rho0 == 0.07 and cfg.optim.adaptive is False and cfg.lr_alpha == 0.02
+    assert cfg.arch_optimizer == "sgd"  # as 0.1 searched
     assert cfg.options.teacher_epochs == 3 and cfg.options.attr_weight == 20.0
     assert cfg.data.batch_size == 64
     old.update(method="hawq", options={"hawq_batch_size": 8, "fp_epochs": 2})

@@ -17,6 +17,7 @@ from mpqkit.data import DataConfig
 from mpqkit.engine.checkpoint import save_checkpoint
 from mpqkit.errors import BudgetError, ConfigError
 from mpqkit.models import build_model
+from mpqkit.optim import OptimConfig
 from mpqkit.policy import Policy
 from mpqkit.search import (
     DualLambda,
@@ -28,6 +29,7 @@ from mpqkit.search import (
 )
 from mpqkit.search.methods.gmpq import attribution_loss, gradcam
 from mpqkit.search.methods.seam import margin_loss
+from mpqkit.search.registry import _REGISTRY
 
 METHODS = ("asga", "edmips", "gmpq", "seam")
 
@@ -159,7 +161,10 @@ def test_dual_lambda_rises_above_budget_and_stays_nonnegative():
 
 
 def test_resume_continues_from_the_last_finished_epoch(folder, tmp_path):
-    first = search(tiny(folder, tmp_path / "r", method="asga", budget="w3a3", epochs=1))
+    # more epochs on resume: a schedule that does not depend on the number of epochs (a
+    # cosine one would anneal differently over 2 epochs than over 1)
+    step = {"optim": OptimConfig(lr=0.1, weight_decay=1e-4, schedule="step", step_size=10)}
+    first = search(tiny(folder, tmp_path / "r", method="asga", budget="w3a3", epochs=1, **step))
     assert len(first.history) == 1
     resumed = search(tiny(folder, tmp_path / "r", method="asga", budget="w3a3", epochs=2,
                           resume=True, overwrite=False))
@@ -171,7 +176,8 @@ def test_resume_continues_from_the_last_finished_epoch(folder, tmp_path):
     assert json.loads((tmp_path / "r" / "last.json").read_text())["epoch"] == 2
     assert resumed.policy.provenance["search_cost"]["steps"] == 4
     # the resumed search ends where an uninterrupted one does
-    straight = search(tiny(folder, tmp_path / "s", method="asga", budget="w3a3", epochs=2))
+    straight = search(tiny(folder, tmp_path / "s", method="asga", budget="w3a3", epochs=2,
+                           **step))
     assert resumed.argmax_bits == straight.argmax_bits
     a1 = json.loads((tmp_path / "s" / "alpha.json").read_text())["epochs"][-1]["layers"]
     assert a1 == alpha["epochs"][-1]["layers"]
@@ -198,6 +204,13 @@ def test_registered_policy_method_gets_context_and_is_repaired(folder, tmp_path)
         return MethodResult(bits, {"note": "max bits", "passes": 0})
 
     register_method("test-max", description="test")(all_max)
+    try:
+        _run_test_max(folder, tmp_path, seen)
+    finally:
+        _REGISTRY.pop("test-max", None)
+
+
+def _run_test_max(folder, tmp_path, seen):  # type: ignore[no-untyped-def]
     fp = build_model("resnet20", num_classes=4)
     save_checkpoint(tmp_path / "fp", fp, {"model": "resnet20", "num_classes": 4})
     res = search(tiny(folder, tmp_path / "m", method="test-max", budget="w3a3",

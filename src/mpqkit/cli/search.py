@@ -35,6 +35,14 @@ def _bits(text: str) -> str:
     return ",".join(parts)
 
 
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(p) for p in text.replace(" ", "").split(",") if p]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} must be numbers separated by commas, e.g. "
+                                         "0.5,0.999") from None
+
+
 def methods_help(specs: Sequence[Any]) -> str:
     """``--method`` help: every registered method with its description."""
     items = "; ".join(f"{s.name}: {s.description}" if s.description else s.name for s in specs)
@@ -66,6 +74,9 @@ def _add_budget_args(p: argparse.ArgumentParser) -> None:
                    help="absolute BitOps, e.g. 1.2G")
     b.add_argument("--budget-size-mb", dest="budget_size_mb", type=float, metavar="MB",
                    help="weight storage in MB (10^6 bytes)")
+    b.add_argument("--budget-bits", dest="budget_bits", type=float, metavar="B",
+                   help="average bits, e.g. 2.5: the BitOps of every searchable layer at B x B "
+                        "bits (first/last at their fixed bits)")
     b.add_argument("--tol", dest="tol", type=float,
                    help="the policy lands in [(1-tol) x budget, budget] (default 0.02)")
     b.add_argument("--first-last", dest="first_last", choices=["8bit", "fp", "search"],
@@ -77,7 +88,16 @@ def _add_schedule_args(p: argparse.ArgumentParser) -> None:
     s = p.add_argument_group("schedule")
     s.add_argument("--epochs", dest="epochs", type=int, metavar="N")
     s.add_argument("--max-steps-per-epoch", dest="max_steps_per_epoch", type=int, metavar="N")
-    s.add_argument("--lr-alpha", dest="lr_alpha", type=float, help="logits (default 0.01)")
+    s.add_argument("--arch-optimizer", dest="arch_optimizer", choices=["sgd", "adam"],
+                   help="optimizer of the logits: adam = their own Adam (default), sgd = a group "
+                        "of the weights' optimizer (as EdMIPS/GMPQ and mpqkit 0.1)")
+    s.add_argument("--lr-alpha", dest="lr_alpha", type=float,
+                   help="learning rate of the logits (default 0.05; 0.01 was 0.1's SGD value)")
+    s.add_argument("--arch-betas", dest="arch_betas", type=_floats, metavar="B1,B2",
+                   help="Adam betas of the logits with --arch-optimizer adam (default 0.5,0.999)")
+    s.add_argument("--arch-warmup-epochs", dest="arch_warmup_epochs", type=int, metavar="N",
+                   help="epochs with the logits frozen and lambda held, the weights warming up "
+                        "(default 0)")
     s.add_argument("--alpha-weight-decay", dest="alpha_weight_decay", type=float,
                    help="weight decay of the logits (default 0)")
     s.add_argument("--lambda-lr", dest="lambda_lr", type=float,

@@ -19,7 +19,7 @@ import importlib
 import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from safetensors import SafetensorError
@@ -61,8 +61,16 @@ def _unflatten_optimizer(rest: Mapping[str, Any], tensors: Mapping[str, torch.Te
     return {"state": state, "param_groups": rest["param_groups"]}
 
 
+class OptimizerState(Protocol):
+    """What a checkpoint stores of an optimizer (a ``torch.optim.Optimizer``, or a set)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None: ...
+
+
 def save_checkpoint(path_stem: str | Path, model: nn.Module, meta: Mapping[str, Any],
-                    optimizer: torch.optim.Optimizer | None = None,
+                    optimizer: OptimizerState | None = None,
                     extra_state: Mapping[str, Any] | None = None) -> Path:
     """Write ``STEM.safetensors`` and ``STEM.json``; returns the safetensors path."""
     stem = Path(path_stem)
@@ -143,7 +151,7 @@ def load_model_state(model: nn.Module, tensors: Mapping[str, torch.Tensor], sour
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
 
 
-def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor],
+def restore_optimizer(optimizer: OptimizerState, tensors: Mapping[str, torch.Tensor],
                       meta: Mapping[str, Any]) -> None:
     if "optimizer" not in meta:
         raise CheckpointError("checkpoint has no optimizer state: resume from last.safetensors")

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from mpqkit import runio
 from mpqkit.engine.checkpoint import (
+    OptimizerState,
     load_model_state,
     read_checkpoint,
     restore_optimizer,
@@ -172,7 +173,7 @@ class Run:
             write_yaml(cfg, self.dir / "config.yaml")
 
     def save(self, name: str, model: nn.Module, meta: Mapping[str, Any],
-             optimizer: torch.optim.Optimizer | None = None,
+             optimizer: OptimizerState | None = None,
              extra_state: Mapping[str, Any] | None = None) -> None:
         """``RUN_DIR/NAME.safetensors`` + ``.json`` (rank 0 only)."""
         if self.is_main:
@@ -262,7 +263,7 @@ class Task(Protocol):
 
     name: str
     model: nn.Module  # what the checkpoints hold
-    optimizer: torch.optim.Optimizer  # its state goes into ``last``
+    optimizer: OptimizerState  # its state goes into ``last``
     schedule: StepSchedule
     nonfinite_hint: str  # the fix named when the loss becomes non-finite
 

@@ -6,6 +6,7 @@ Usable outside mpqkit: the wrappers take any ``torch.optim.Optimizer`` and work 
 from mpqkit.optim.bn import frozen_bn_stats
 from mpqkit.optim.factory import (
     OptimConfig,
+    OptimizerSet,
     StepSchedule,
     base_optimizer,
     create_optimizer,
@@ -22,6 +23,7 @@ __all__ = [
     "UPDATES",
     "GradScalerLike",
     "OptimConfig",
+    "OptimizerSet",
     "SharpnessAware",
     "StepSchedule",
     "base_optimizer",

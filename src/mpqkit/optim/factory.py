@@ -17,7 +17,7 @@ Modelled on timm's ``create_optimizer_v2`` / ``create_scheduler_v2``.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -154,11 +154,54 @@ def create_optimizer(groups: Sequence[dict[str, Any]], cfg: OptimConfig,
     return base, wrap_sharpness(base, cfg, model)
 
 
+class OptimizerSet:
+    """Several optimizers stepped, saved and restored as one (e.g. SGD weights, Adam logits).
+
+    ``state_dict()`` has the usual ``state``/``param_groups`` layout with the parameter ids of
+    later optimizers renumbered after the earlier ones', so checkpoints store it as one.
+    """
+
+    def __init__(self, *optimizers: Optimizer) -> None:
+        self.optimizers = list(optimizers)
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [g for o in self.optimizers for g in o.param_groups]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        for o in self.optimizers:
+            o.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[int, Any] = {}
+        groups: list[dict[str, Any]] = []
+        offset = 0
+        for o in self.optimizers:
+            sd = o.state_dict()
+            state.update({int(k) + offset: v for k, v in sd["state"].items()})
+            for g in sd["param_groups"]:
+                groups.append({**g, "params": [int(i) + offset for i in g["params"]]})
+            offset += sum(len(g["params"]) for g in o.param_groups)
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, sd: Mapping[str, Any]) -> None:
+        groups, state = list(sd["param_groups"]), sd["state"]
+        for o in self.optimizers:
+            mine, groups = groups[:len(o.param_groups)], groups[len(o.param_groups):]
+            ids = {int(i) for g in mine for i in g["params"]}
+            o.load_state_dict({"state": {k: v for k, v in state.items() if int(k) in ids},
+                               "param_groups": mine})
+
+
 class StepSchedule:
     """Per-step learning rates: every group's ``lr = base_lr * factor(step)``."""
 
-    def __init__(self, optimizer: Optimizer, schedule: str, *, epochs: int, steps_per_epoch: int,
-                 warmup_epochs: float = 0.0, step_size: int = 30) -> None:
+    def __init__(self, optimizer: Optimizer | OptimizerSet, schedule: str, *, epochs: int,
+                 steps_per_epoch: int, warmup_epochs: float = 0.0, step_size: int = 30) -> None:
         if schedule not in SCHEDULES:
             raise ConfigError(f"schedule={schedule!r} is unknown: use one of "
                               f"{', '.join(SCHEDULES)}")
@@ -172,7 +215,7 @@ class StepSchedule:
             g.setdefault("base_lr", g["lr"])
 
     @classmethod
-    def from_config(cls, optimizer: Optimizer, cfg: OptimConfig, *, epochs: int,
+    def from_config(cls, optimizer: Optimizer | OptimizerSet, cfg: OptimConfig, *, epochs: int,
                     steps_per_epoch: int) -> StepSchedule:
         return cls(optimizer, cfg.schedule, epochs=epochs, steps_per_epoch=steps_per_epoch,
                    warmup_epochs=cfg.warmup_epochs, step_size=cfg.step_size)

@@ -26,6 +26,7 @@ from mpqkit.search.registry import get_method, method_specs
 from mpqkit.search.supernet import parse_candidates
 
 LAMBDA_ON = ("argmax", "expected")
+ARCH_OPTIMIZERS = ("sgd", "adam")
 # keys of mpqkit 0.1's flat SearchConfig that now live in the ``optim`` section
 _LEGACY_OPTIM = {"lr_w": "lr", "momentum": "momentum", "nesterov": "nesterov",
                  "weight_decay": "weight_decay", "schedule": "schedule", "step_size": "step_size",
@@ -39,8 +40,13 @@ def _search_data() -> DataConfig:
 
 
 def _search_optim() -> OptimConfig:
-    """The EdMIPS/GMPQ search recipe: SGD momentum 0.9, lr 0.1, x0.1 every 10 epochs."""
-    return OptimConfig(lr=0.1, momentum=0.9, weight_decay=1e-4, schedule="step", step_size=10)
+    """SGD momentum 0.9, lr 0.1, wd 1e-4 (EdMIPS/GMPQ), cosine to 0 over the search.
+
+    The schedule applies to the logits too: annealed, they settle, and the argmax policy stops
+    flipping around the budget at the end of a short search (EdMIPS/GMPQ's x0.1 every 10 epochs,
+    ``schedule: step``, never decays a 10-epoch search; benchmarks/search_decides.py).
+    """
+    return OptimConfig(lr=0.1, momentum=0.9, weight_decay=1e-4, schedule="cosine", step_size=10)
 
 
 @dataclass
@@ -48,7 +54,8 @@ class SearchConfig:
     """Everything a search needs. Sections ``optim``, ``data``, ``quant``, ``options``.
 
     Budget: exactly one of ``budget_bitops`` (``"1.2G"``), ``budget`` (a uniform policy whose
-    BitOps is the budget, ``"w3a3"``) or ``budget_size_mb``. ``input_size`` is the deployment
+    BitOps is the budget, ``"w3a3"``), ``budget_bits`` (average bits, ``2.5``) or
+    ``budget_size_mb``. ``input_size`` is the deployment
     resolution the complexity is counted at (default: the proxy data's). ``weights``: FP weights
     to start from (path or ``"bundled"``); none means random initialisation (as GMPQ).
     ``options`` is the chosen method's own config (a dataclass; a mapping in YAML; unset means
@@ -65,13 +72,22 @@ class SearchConfig:
     budget_bitops: str | None = None
     budget: str | None = None
     budget_size_mb: float | None = None
+    budget_bits: float | None = None  # average bits b: BitOps of every searchable layer at b x b
     tol: float = 0.02
     first_last: str = "8bit"
     epochs: int = 25
     max_steps_per_epoch: int | None = None
     calib_batches: int = 1
-    lr_alpha: float = 0.01  # the architecture logits (their group of the optimizer)
+    # the architecture logits: "adam" (default) gives them their own Adam (betas arch_betas);
+    # "sgd" puts them in the weights' optimizer as a group with lr_alpha (EdMIPS/GMPQ, and
+    # mpqkit 0.1). Through the mixed quantized tensors the logits get gradients of ~1e-4, so
+    # SGD at lr 0.01 moves them by ~1e-3 in a few hundred steps and the budget repair picks the
+    # bits; Adam's steps are ~lr whatever the gradient's scale (benchmarks/search_decides.py).
+    arch_optimizer: str = "adam"
+    lr_alpha: float = 0.05
     alpha_weight_decay: float = 0.0
+    arch_betas: list[float] = field(default_factory=lambda: [0.5, 0.999])
+    arch_warmup_epochs: int = 0  # logits frozen (and lambda held) for the first epochs
     # budget dual ascent: lambda <- max(0, lambda + lambda_lr * (C / B - 1)) every step. 0.5 is
     # our default: on a 100-step CIFAR-10 proxy search 0.01 left lambda without effect, 1.0
     # met the budget within ~70 steps and then overshot.
@@ -107,6 +123,15 @@ class SearchConfig:
         if self.first_last not in FIRST_LAST_MODES:
             raise ConfigError(f"first_last={self.first_last!r} is unknown: use one of "
                               f"{', '.join(FIRST_LAST_MODES)}")
+        if self.arch_optimizer not in ARCH_OPTIMIZERS:
+            raise ConfigError(f"arch_optimizer={self.arch_optimizer!r} is unknown: use one of "
+                              f"{', '.join(ARCH_OPTIMIZERS)}")
+        self.arch_betas = [float(b) for b in self.arch_betas]
+        if len(self.arch_betas) != 2 or not all(0 <= b < 1 for b in self.arch_betas):
+            raise ConfigError(f"arch_betas={self.arch_betas} must be two numbers in [0, 1), "
+                              "e.g. 0.5,0.999")
+        if self.arch_warmup_epochs < 0:
+            raise ConfigError(f"arch_warmup_epochs={self.arch_warmup_epochs} must be >= 0")
         if self.lambda_on not in LAMBDA_ON:
             raise ConfigError(f"lambda_on={self.lambda_on!r} is unknown: use argmax or expected")
         for name in ("epochs", "calib_batches"):
@@ -129,10 +154,13 @@ class SearchConfig:
     def migrate(d: dict[str, Any]) -> dict[str, Any]:
         """Move the keys of an mpqkit 0.1 config (flat method knobs) to their sections.
 
+        A 0.1 config (it has ``lr_w``) also keeps 0.1's logits optimizer (``sgd``).
         A method knob the chosen method does not have is dropped: 0.1 wrote every method's
         defaults into every run's ``config.yaml``.
         """
         optim = dict(d.get("optim") or {})
+        if "lr_w" in d:  # 0.1 kept the logits in the weights' SGD
+            d["arch_optimizer"] = "sgd"
         for old, new in _LEGACY_OPTIM.items():
             if old in d:
                 optim[new] = d.pop(old)

@@ -125,8 +125,8 @@ def build_context(cfg: SearchConfig, run_dir: str | Path, *,
     searchable = [n for n in infos if n not in fixed_bits]
     wc, ac = tuple(cfg.w_bits), tuple(cfg.a_bits)
     budget = parse_budget(bitops=cfg.budget_bitops, uniform=cfg.budget,
-                          size_mb=cfg.budget_size_mb, infos=infos, fixed_bits=fixed_bits,
-                          searchable=searchable)
+                          size_mb=cfg.budget_size_mb, bits=cfg.budget_bits, infos=infos,
+                          fixed_bits=fixed_bits, searchable=searchable)
     check_feasible(budget, infos, searchable, fixed_bits, wc, ac, cfg.tol)
     model.to(device)
     return SearchContext(cfg, model, data, device, input_size, infos, searchable, fixed_bits,

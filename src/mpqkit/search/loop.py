@@ -50,7 +50,7 @@ from mpqkit.engine.run import (
 from mpqkit.errors import ConfigError
 from mpqkit.models import build_model
 from mpqkit.optim.bn import frozen_bn_stats
-from mpqkit.optim.factory import StepSchedule, create_optimizer, param_groups
+from mpqkit.optim.factory import OptimizerSet, StepSchedule, create_optimizer, param_groups
 from mpqkit.policy import Policy
 from mpqkit.runio import atomic_write_text
 from mpqkit.search.config import SearchConfig
@@ -68,7 +68,7 @@ from mpqkit.search.supernet import Supernet, build_supernet
 CSV_FIELDS = ("epoch", "steps", "lr_w", "lr_alpha", "loss", "acc", "task_loss", "extra_loss",
               "expected_bitops", "expected_size_mb", "expected_ratio", "argmax_bitops",
               "argmax_size_mb", "lambda", "rho", "h", "cos", "decidedness", "epoch_seconds",
-              "images_per_s")
+              "images_per_s", "argmax_ratio", "top1_prob", "entropy")
 FILES = RunFiles("search", "search.csv", CSV_FIELDS,
                  artifacts=("search.csv", "alpha.json", "log.txt", "last.safetensors",
                             "last.json", "policy.json", "config.yaml"),
@@ -143,7 +143,18 @@ class SupernetSearch:
                 **method.param_group_options(ctx)}
         groups = param_groups(self.supernet.weight_parameters(), cfg.optim.lr,
                               cfg.optim.weight_decay, role="weights", perturb=True)
-        self.base, self.asga = create_optimizer(groups + [arch], self.optim_cfg, self.supernet)
+        self.arch_opt: torch.optim.Optimizer | None = None
+        if cfg.arch_optimizer == "adam":
+            if arch["perturb"]:
+                raise ConfigError("perturb_logits needs the logits in the weights' optimizer: "
+                                  "use --arch-optimizer sgd, or drop --perturb-logits")
+            self.arch_opt = torch.optim.Adam([arch], lr=cfg.lr_alpha,
+                                             betas=tuple(cfg.arch_betas))  # type: ignore[arg-type]
+        else:
+            groups.append(arch)
+        self.base, self.asga = create_optimizer(groups, self.optim_cfg, self.supernet)
+        self.optimizers = OptimizerSet(self.base, *([self.arch_opt] if self.arch_opt else []))
+        self.arch_frozen = False
         self.dual = DualLambda(cfg.lambda_lr, cfg.lambda_init)
         self.counters = _Counters()
         self._arch = self.supernet.arch_parameters()
@@ -166,9 +177,17 @@ class SupernetSearch:
 
     # -- the step -------------------------------------------------------------------------------
     def _penalty(self) -> float:
+        if self.arch_frozen:
+            for p in self._arch:
+                p.grad = None
+            return self._cost()
         c = self.supernet.expected_complexity(self.kind)
         (c * (self.dual.value / self.budget_value)).float().backward()
         return float(c.detach())
+
+    def _arch_update(self) -> None:
+        if self.arch_opt is not None and not self.arch_frozen:
+            self.arch_opt.step()
 
     def _cost(self) -> float:
         with torch.no_grad():
@@ -182,19 +201,21 @@ class SupernetSearch:
     def _weight_step(self, x: Tensor, y: Tensor,
                      penalty: bool) -> tuple[Tensor, Tensor, dict[str, float], float]:
         sn, method, ctx = self.supernet, self.method, self.ctx
-        self.base.zero_grad(set_to_none=True)
+        self.optimizers.zero_grad(set_to_none=True)
         sharp = self.asga
         if sharp is None:
             loss, logits, extras = method.loss(ctx, sn, x, y)
             loss.backward()
             cost = self._penalty() if penalty else self._cost()
             self.base.step()
+            self._arch_update()
             self._count(1, int(x.shape[0]))
             return loss, logits, extras, cost
         with sharp.first_pass_context(sn):
             loss, logits, extras = method.loss(ctx, sn, x, y)
             loss.backward()
         sharp.first_step(loss)
+        arch_g = self._take_arch_grads()
         try:
             with sharp.second_pass(sn):
                 loss_adv, _, _ = method.loss(ctx, sn, x, y)
@@ -205,25 +226,45 @@ class SupernetSearch:
         held: dict[str, float] = {}
 
         def before_update() -> None:
+            self._combine_arch_grads(arch_g, sharp.update)
             if penalty:
                 held["cost"] = self._penalty()
 
         stats = sharp.second_step(loss_adv, before_update=before_update)
+        self._arch_update()
         extras = {**extras, "rho": stats["rho"], "h": stats["h"], "cos": stats["cos_g_gadv"]}
         self._count(2, int(x.shape[0]))
         return loss, logits, extras, held["cost"] if penalty else self._cost()
+
+    def _take_arch_grads(self) -> list[Tensor | None] | None:
+        """Pass-1 gradients of the logits when they have their own optimizer (then cleared)."""
+        if self.arch_opt is None:
+            return None
+        grads = [p.grad for p in self._arch]
+        for p in self._arch:
+            p.grad = None
+        return grads
+
+    def _combine_arch_grads(self, first: list[Tensor | None] | None, update: str) -> None:
+        """The logits' update direction: ``(g + g_adv) / 2`` for ``mean``, else ``g_adv``."""
+        if first is None or update != "mean":
+            return
+        for p, g in zip(self._arch, first, strict=True):
+            if g is not None and p.grad is not None:
+                p.grad.add_(g).mul_(0.5)
 
     def _arch_step(self, x: Tensor, y: Tensor) -> float:
         sn = self.supernet
         for p in self._weights:
             p.requires_grad_(False)
         try:
-            self.base.zero_grad(set_to_none=True)
+            self.optimizers.zero_grad(set_to_none=True)
             with frozen_bn_stats(sn):
                 loss, _, _ = self.method.loss(self.ctx, sn, x, y)
             loss.backward()
             cost = self._penalty()
             self.base.step()
+            self._arch_update()
         finally:
             for p in self._weights:
                 p.requires_grad_(True)
@@ -248,7 +289,8 @@ class SupernetSearch:
             control = policy_cost(self.ctx.infos, self.supernet.argmax_bits(), self.kind)
         else:
             control = cost
-        self.dual.update(control, self.budget_value)
+        if not self.arch_frozen:
+            self.dual.update(control, self.budget_value)
         self.counters.steps += 1
         return loss, logits, extras, cost
 
@@ -281,9 +323,9 @@ class _SearchTask:
                  steps_per_epoch: int) -> None:
         self.run, self.ctx, self.search = run, ctx, search
         self.name = search.method.name
-        self.model, self.optimizer = search.supernet, search.base
+        self.model, self.optimizer = search.supernet, search.optimizers
         cfg = ctx.cfg
-        self.schedule = StepSchedule(search.base, cfg.optim.schedule, epochs=cfg.epochs,
+        self.schedule = StepSchedule(search.optimizers, cfg.optim.schedule, epochs=cfg.epochs,
                                      steps_per_epoch=steps_per_epoch,
                                      warmup_epochs=cfg.optim.warmup_epochs,
                                      step_size=cfg.optim.step_size)
@@ -306,6 +348,7 @@ class _SearchTask:
         if self._t0 is None:
             self._t0, self._seconds_before = time.time(), self.search.counters.seconds
         self._images_before = self.search.counters.images_processed
+        self.search.arch_frozen = epoch < cfg.arch_warmup_epochs
         self.model.train()
         bs, workers = cfg.data.batch_size, cfg.data.workers
         if cfg.bilevel:
@@ -331,7 +374,7 @@ class _SearchTask:
         with torch.no_grad():
             eb = float(sn.expected_complexity("bitops"))
             es = float(sn.expected_complexity("size_mb"))
-        argmax, decided = sn.argmax_bits(), sn.decidedness()
+        argmax, stats = sn.argmax_bits(), sn.decision_stats()
         images = s.counters.images_processed - self._images_before
         row = {"epoch": st.epoch, "steps": s.counters.steps,
                "lr_w": cfg.optim.lr * st.lr_factor, "lr_alpha": cfg.lr_alpha * st.lr_factor,
@@ -343,9 +386,10 @@ class _SearchTask:
                "argmax_size_mb": policy_cost(ctx.infos, argmax, "size_mb"),
                "lambda": s.dual.value, "rho": st.extras.get("rho"), "h": st.extras.get("h"),
                "cos": st.extras.get("cos"),
-               "decidedness": (sum(decided.values()) / len(decided)) if decided else 1.0,
-               "epoch_seconds": round(st.seconds, 3),
-               "images_per_s": round(images / max(st.seconds, 1e-9), 1)}
+               "decidedness": stats["margin"], "epoch_seconds": round(st.seconds, 3),
+               "images_per_s": round(images / max(st.seconds, 1e-9), 1),
+               "argmax_ratio": policy_cost(ctx.infos, argmax, ctx.budget.kind) / ctx.budget.value,
+               "top1_prob": stats["top1_prob"], "entropy": stats["entropy"]}
         self._write_alpha(st.epoch)
         return row
 
@@ -360,7 +404,8 @@ class _SearchTask:
         b, kind = self.ctx.budget, self.ctx.budget.kind
         return (f"loss {row['loss']:.4f} acc {row['acc']:.2f}% | expected "
                 f"{b.format(row['expected_' + kind])} ({row['expected_ratio']:.3f} x budget), "
-                f"argmax {b.format(row['argmax_' + kind])} | lambda {row['lambda']:.4g}"
+                f"argmax {b.format(row['argmax_' + kind])} ({row['argmax_ratio']:.3f} x budget)"
+                f" | top-1 p {row['top1_prob']:.3f} | lambda {row['lambda']:.4g}"
                 + (f" | rho {row['rho']:.4f} h {row['h']:.4f} cos {row['cos']:.3f}"
                    if row.get("rho") is not None else ""))
 
@@ -438,7 +483,7 @@ def _run_supernet(run: Run, ctx: SearchContext, method: SupernetMethod) -> Searc
         dual={"eta": cfg.lambda_lr, "on": cfg.lambda_on, "lambda_final": search.dual.value},
         decidedness_mean=(sum(decided.values()) / len(decided)) if decided else 1.0,
         argmax_bits={n: list(b) for n, b in argmax.items()}, repair=repair_rec,
-        details=method_prov)
+        details={"decision": sn.decision_stats(), **method_prov})
     policy = sn.policy(final, provenance=prov.to_dict(), budget=ctx.budget.to_dict())
     policy.save(run.dir / "policy.json")
     return SearchResult(policy, run.dir, cfg.method, ctx.budget, counters.seconds, history,

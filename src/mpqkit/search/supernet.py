@@ -510,6 +510,26 @@ class Supernet(nn.Module):
         """Per searchable layer, the mean softmax margin of its logits (0 = undecided)."""
         return {n: m.decidedness() for n, m in self._mixed.items()}
 
+    def decision_stats(self) -> dict[str, float]:
+        """How decided the logits are, over every weight and activation logit vector.
+
+        ``top1_prob``: mean top-1 softmax probability (1/k undecided, 1 decided); ``entropy``:
+        mean entropy of the softmax divided by ``log k`` (1 undecided, 0 decided); ``margin``:
+        mean top-1 minus top-2 probability (:meth:`decidedness`).
+        """
+        top, ent = [], []
+        for m in self._mixed.values():
+            for p in m.probs():
+                p = p.detach().float()
+                top.append(float(p.max()))
+                k = p.numel()
+                ent.append(float(-(p * p.clamp_min(1e-12).log()).sum()) / math.log(k)
+                           if k > 1 else 0.0)
+        marg = list(self.decidedness().values())
+        n = max(len(top), 1)
+        return {"top1_prob": sum(top) / n if top else 1.0, "entropy": sum(ent) / n,
+                "margin": sum(marg) / len(marg) if marg else 1.0}
+
     def alpha_probs(self) -> dict[str, dict[str, list[float]]]:
         """Per searchable layer, the softmax of the weight and activation logits."""
         out = {}
