@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from mpqkit.complexity import Budget, format_cost, retarget_budget
-from mpqkit.errors import PolicyError
+from mpqkit.errors import BudgetError, PolicyError
 from mpqkit.models import build_model, default_input_size
 from mpqkit.policy import Policy
 from mpqkit.quant.layers import quantizable_layers
@@ -36,19 +36,34 @@ def _names(names: list[str], limit: int = 12) -> str:
 
 
 def transfer_policy(policy: Policy | str | Path, model_name: str, num_classes: int | None = None,
-                    input_size: int | tuple[int, int] | None = None
+                    input_size: int | tuple[int, int] | None = None, *,
+                    budget_check: bool = False, out: str | Path | None = None
                     ) -> tuple[Policy, dict[str, Any]]:
     """Map ``policy`` onto ``model_name`` by layer name; re-check its budget on the target.
 
     Returns the target policy (complexity at ``input_size``, default the model's native size;
     its ``budget`` re-evaluated on the target, the proxy's value kept as ``proxy_value``) and a
     JSON-friendly report: layers, complexity on proxy and target, the budget on both, and
-    whether it ``holds``. Raises :class:`PolicyError` naming every missing and extra layer.
+    whether it ``holds``. Raises :class:`PolicyError` naming every missing and extra layer, and
+    with ``budget_check`` a :class:`BudgetError` when the budget does not hold. ``out``: save
+    the target policy there (not when the check fails).
     """
     src = policy if isinstance(policy, Policy) else Policy.load(policy)
     num_classes = num_classes or (1000 if default_input_size(model_name) == 224 else 10)
-    size = input_size or default_input_size(model_name)
     model = build_model(model_name, num_classes=num_classes)
+    _check_names(src, model, model_name)
+    target, report = _retarget(src, model, model_name, num_classes,
+                               input_size or default_input_size(model_name))
+    if budget_check and report["holds"] is False:
+        raise BudgetError(f"{report['message']}: lower the proxy budget and search again, or "
+                          "drop --budget-check to write the policy anyway")
+    if out:
+        target.save(out)
+        report["out"] = str(out)
+    return target, report
+
+
+def _check_names(src: Policy, model: Any, model_name: str) -> None:
     names = list(quantizable_layers(model))
     missing = [n for n in names if n not in src.layers]
     extra = [n for n in src.layers if n not in set(names)]
@@ -63,6 +78,10 @@ def transfer_policy(policy: Policy | str | Path, model_name: str, num_classes: i
                           f"the quantized layer names differ ({'; '.join(parts)}): transfer "
                           "between models that share layer names, e.g. resnet18_cifar -> "
                           "resnet18")
+
+
+def _retarget(src: Policy, model: Any, model_name: str, num_classes: int,
+              size: int | tuple[int, int]) -> tuple[Policy, dict[str, Any]]:
     target = src.retarget(model, size, model_name)
     target.provenance["transferred_to"] = {"model": model_name, "num_classes": num_classes,
                                            "input_size": list(target.input_size)}

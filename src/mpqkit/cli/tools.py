@@ -9,16 +9,10 @@ from mpqkit.cli.args import add_data_args, print_json, section
 
 
 def cmd_transfer(args: argparse.Namespace) -> int:
-    from mpqkit.errors import BudgetError
     from mpqkit.transfer import transfer_policy
 
-    target, rep = transfer_policy(args.policy, args.model, args.num_classes, args.input_size)
-    if args.budget_check and rep["holds"] is False:
-        raise BudgetError(f"{rep['message']}: lower the proxy budget and search again, or drop "
-                          "--budget-check to write the policy anyway")
-    if args.out:
-        target.save(args.out)
-        rep["out"] = args.out
+    target, rep = transfer_policy(args.policy, args.model, args.num_classes, args.input_size,
+                                  budget_check=args.budget_check, out=args.out)
     if args.json:
         print_json(rep)
         return 0

@@ -35,7 +35,8 @@ CIFAR_MODELS: dict[str, Callable[..., nn.Module]] = {
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 # Bundled full-precision checkpoints: (model, dataset) -> file stem in WEIGHTS_DIR.
-BUNDLED = {("resnet20", "cifar10"): "resnet20_cifar10"}
+BUNDLED = {("resnet20", "cifar10"): "resnet20_cifar10",
+           ("resnet20", "tiny-imagenet-32"): "resnet20_tiny-imagenet-32"}
 
 
 def _torchvision_names() -> list[str]:
