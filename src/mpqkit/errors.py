@@ -36,3 +36,18 @@ class CheckpointError(MpqkitError):
 
 class BudgetError(MpqkitError):
     """A complexity budget that cannot be met."""
+
+
+def check_choice(name: str, value: str, choices: tuple[str, ...] | list[str]) -> str:
+    """``value`` if it is one of ``choices``, else a one-line :class:`ConfigError`."""
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r} is unknown: use one of {', '.join(choices)}")
+    return value
+
+
+def check_betas(name: str, betas: tuple[float, ...] | list[float]) -> tuple[float, float]:
+    """Two Adam betas in [0, 1), else a one-line :class:`ConfigError`."""
+    out = tuple(float(b) for b in betas)
+    if len(out) != 2 or not all(0 <= b < 1 for b in out):
+        raise ConfigError(f"{name}={list(out)} must be two numbers in [0, 1), e.g. 0.9,0.999")
+    return out  # type: ignore[return-value]

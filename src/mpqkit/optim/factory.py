@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from mpqkit.errors import ConfigError
+from mpqkit.errors import ConfigError, check_betas, check_choice
 from mpqkit.optim.sharpness import ASGA, GSAM, SAM, SharpnessAware
 
 BASE_OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -66,15 +66,9 @@ class OptimConfig:
         self.sharpness = str(self.sharpness).strip().lower()
         if self.optimizer in SHARPNESS[1:]:
             self.optimizer, self.sharpness = "sgd", self.optimizer
-        if self.optimizer not in BASE_OPTIMIZERS:
-            raise ConfigError(f"optimizer {self.optimizer!r} is unknown: use one of "
-                              f"{', '.join(BASE_OPTIMIZERS + SHARPNESS[1:])}")
-        if self.sharpness not in SHARPNESS:
-            raise ConfigError(f"sharpness {self.sharpness!r} is unknown: use one of "
-                              f"{', '.join(SHARPNESS)}")
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"schedule={self.schedule!r} is unknown: use one of "
-                              f"{', '.join(SCHEDULES)}")
+        check_choice("optimizer", self.optimizer, BASE_OPTIMIZERS + SHARPNESS[1:])
+        check_choice("sharpness", self.sharpness, SHARPNESS)
+        check_choice("schedule", self.schedule, SCHEDULES)
         if not self.lr > 0:
             raise ConfigError(f"lr={self.lr} must be positive: e.g. 0.1")
         for name in ("momentum", "weight_decay", "warmup_epochs", "label_smoothing"):
@@ -82,10 +76,7 @@ class OptimConfig:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 0")
         if self.step_size < 1:
             raise ConfigError(f"step_size={self.step_size} must be at least 1")
-        self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ConfigError(f"betas={list(self.betas)} must be two numbers in [0, 1), e.g. "
-                              "0.9,0.999")
+        self.betas = check_betas("betas", self.betas)
 
     def describe(self) -> str:
         base = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW"}[self.optimizer]
@@ -202,9 +193,7 @@ class StepSchedule:
 
     def __init__(self, optimizer: Optimizer | OptimizerSet, schedule: str, *, epochs: int,
                  steps_per_epoch: int, warmup_epochs: float = 0.0, step_size: int = 30) -> None:
-        if schedule not in SCHEDULES:
-            raise ConfigError(f"schedule={schedule!r} is unknown: use one of "
-                              f"{', '.join(SCHEDULES)}")
+        check_choice("schedule", schedule, SCHEDULES)
         self.optimizer = optimizer
         self.schedule = schedule
         self.steps_per_epoch = max(1, steps_per_epoch)

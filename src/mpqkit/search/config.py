@@ -18,7 +18,7 @@ from typing import Any
 
 from mpqkit.data import DataConfig
 from mpqkit.engine.config import load_config
-from mpqkit.errors import ConfigError
+from mpqkit.errors import ConfigError, check_betas, check_choice
 from mpqkit.optim.factory import OptimConfig
 from mpqkit.policy import FIRST_LAST_MODES
 from mpqkit.quant.layers import QuantConfig
@@ -120,20 +120,12 @@ class SearchConfig:
         self.method = str(self.method).strip().lower()
         if self.options is not None:
             self.options = get_method(self.method).make_options(self.options)
-        if self.first_last not in FIRST_LAST_MODES:
-            raise ConfigError(f"first_last={self.first_last!r} is unknown: use one of "
-                              f"{', '.join(FIRST_LAST_MODES)}")
-        if self.arch_optimizer not in ARCH_OPTIMIZERS:
-            raise ConfigError(f"arch_optimizer={self.arch_optimizer!r} is unknown: use one of "
-                              f"{', '.join(ARCH_OPTIMIZERS)}")
-        self.arch_betas = [float(b) for b in self.arch_betas]
-        if len(self.arch_betas) != 2 or not all(0 <= b < 1 for b in self.arch_betas):
-            raise ConfigError(f"arch_betas={self.arch_betas} must be two numbers in [0, 1), "
-                              "e.g. 0.5,0.999")
+        check_choice("first_last", self.first_last, FIRST_LAST_MODES)
+        check_choice("arch_optimizer", self.arch_optimizer, ARCH_OPTIMIZERS)
+        self.arch_betas = list(check_betas("arch_betas", self.arch_betas))
         if self.arch_warmup_epochs < 0:
             raise ConfigError(f"arch_warmup_epochs={self.arch_warmup_epochs} must be >= 0")
-        if self.lambda_on not in LAMBDA_ON:
-            raise ConfigError(f"lambda_on={self.lambda_on!r} is unknown: use argmax or expected")
+        check_choice("lambda_on", self.lambda_on, LAMBDA_ON)
         for name in ("epochs", "calib_batches"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be at least 1")
