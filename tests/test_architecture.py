@@ -129,3 +129,28 @@ def test_no_import_cycle() -> None:
     cycles = find_cycles(graph)
     msg = "\n".join("import cycle: " + " -> ".join(_cycle_path(graph, c)) for c in cycles)
     assert not cycles, msg
+
+
+MAX_FUNCTION_LINES = 80
+
+
+def long_functions(limit: int = MAX_FUNCTION_LINES) -> list[tuple[int, str]]:
+    """Functions and methods of the package longer than ``limit`` lines, longest first.
+
+    A function's length is ``end_lineno - lineno + 1`` of its AST node (decorators not
+    counted, its docstring and nested functions included), as ``arch_check.py`` counts it.
+    """
+    out = []
+    for path in sorted((SRC / PACKAGE).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                n = node.end_lineno - node.lineno + 1
+                if n > limit:
+                    out.append((n, f"{path.relative_to(SRC)}:{node.lineno} {node.name}"))
+    return sorted(out, reverse=True)
+
+
+def test_no_function_is_too_long() -> None:
+    offenders = long_functions()
+    msg = "\n".join(f"{n} lines: {where}" for n, where in offenders)
+    assert not offenders, f"functions longer than {MAX_FUNCTION_LINES} lines:\n{msg}"

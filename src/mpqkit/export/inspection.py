@@ -70,75 +70,23 @@ def _load_onnx(path: Path) -> Any:
 
 def inspect_onnx(path: str | Path) -> dict[str, Any]:
     """Per-layer bits of an ONNX file (see the module docstring)."""
-    from onnx import numpy_helper
-
-    from mpqkit.export.onnx_export import QTYPE_BY_ONNX
-
     path = Path(path)
     model = _load_onnx(path)
     g = model.graph
     inits = {t.name: t for t in g.initializer}
     producer = {o: n for n in g.node for o in n.output}
     props = {p.key: p.value for p in model.metadata_props}
-    policy = None
-    if "mpqkit.policy" in props:
-        try:
-            policy = json.loads(props["mpqkit.policy"])
-        except json.JSONDecodeError:
-            raise ExportError(f"{path}: the embedded policy is not valid JSON: re-export the "
-                              "model") from None
+    policy = _onnx_policy(path, props)
     pol_layers = (policy or {}).get("layers", {})
-
-    def arr(name: str) -> np.ndarray:
-        return numpy_helper.to_array(inits[name])
-
-    def qtype_name(t: Any) -> str:
-        qt = QTYPE_BY_ONNX.get(t.data_type)
-        return qt.name if qt else str(t.data_type)
-
     layers = []
     for node in g.node:
         if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2:
             continue
-        rec: dict[str, Any] = {"name": node.name, "op": node.op_type}
-        # weights
-        w_name = node.input[1]
-        w_src = producer.get(w_name)
-        if w_src is not None and w_src.op_type == "Transpose":
-            w_name = w_src.input[0]
-            w_src = producer.get(w_name)
-        if w_src is not None and w_src.op_type == "DequantizeLinear" and w_src.input[0] in inits:
-            t = inits[w_src.input[0]]
-            q = arr(t.name).astype(np.int32)
-            scale = arr(w_src.input[1]) if w_src.input[1] in inits else np.zeros(())
-            rec.update(w_bits=signed_bits(q), w_container=qtype_name(t),
-                       w_range=[int(q.min()), int(q.max())] if q.size else [0, 0],
-                       w_per_channel=bool(scale.size > 1))
-        elif w_name in inits:
-            rec.update(w_bits=FP, w_container="float")
-        else:
+        weight = _onnx_weight(node, producer, inits)
+        if weight is None:
             continue  # a MatMul of two activations: not a layer
-        # input activation
-        a_src = producer.get(node.input[0])
-        if a_src is not None and a_src.op_type == "DequantizeLinear":
-            q_src = producer.get(a_src.input[0])
-            clip = None
-            if q_src is not None and q_src.op_type == "Clip":
-                lo_hi = [int(arr(n).reshape(())) for n in q_src.input[1:3] if n in inits]
-                clip = lo_hi if len(lo_hi) == 2 else None
-                q_src = producer.get(q_src.input[0])
-            if q_src is None or q_src.op_type != "QuantizeLinear" or len(q_src.input) < 3:
-                raise ExportError(f"{path}: layer {node.name!r} dequantizes an activation that "
-                                  "no QuantizeLinear produced: not an mpqkit QDQ graph")
-            zp = inits.get(q_src.input[2])
-            qt = QTYPE_BY_ONNX.get(zp.data_type) if zp is not None else None
-            if qt is None:
-                raise ExportError(f"{path}: layer {node.name!r} quantizes to an unknown type")
-            lo, hi = clip if clip else (qt.lo, qt.hi)
-            rec.update(a_bits=range_bits(lo, hi), a_container=qt.name + ("+Clip" if clip else ""),
-                       a_range=[lo, hi], a_signed=lo < 0)
-        else:
-            rec.update(a_bits=FP, a_container="float")
+        rec: dict[str, Any] = {"name": node.name, "op": node.op_type, **weight,
+                               **_onnx_activation(path, node, producer, inits)}
         pol = pol_layers.get(node.name)
         rec["policy_w_bits"] = pol["w_bits"] if pol else None
         rec["policy_a_bits"] = pol["a_bits"] if pol else None
@@ -150,6 +98,76 @@ def inspect_onnx(path: str | Path) -> dict[str, Any]:
         "opset": opset, "mpqkit_version": props.get("mpqkit.version"),
         "model": props.get("mpqkit.model"), "float": props.get("mpqkit.float") == "1",
         "int_types": props.get("mpqkit.int_types")})
+
+
+def _onnx_policy(path: Path, props: Mapping[str, str]) -> Any:
+    """The policy embedded in the ONNX metadata, or None."""
+    if "mpqkit.policy" not in props:
+        return None
+    try:
+        return json.loads(props["mpqkit.policy"])
+    except json.JSONDecodeError:
+        raise ExportError(f"{path}: the embedded policy is not valid JSON: re-export the "
+                          "model") from None
+
+
+def _arr(inits: Mapping[str, Any], name: str) -> np.ndarray:
+    from onnx import numpy_helper
+
+    return numpy_helper.to_array(inits[name])
+
+
+def _qtype_name(t: Any) -> str:
+    from mpqkit.export.onnx_export import QTYPE_BY_ONNX
+
+    qt = QTYPE_BY_ONNX.get(t.data_type)
+    return qt.name if qt else str(t.data_type)
+
+
+def _onnx_weight(node: Any, producer: Mapping[str, Any],
+                 inits: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The weight fields of a layer node; None when its weight is no initializer."""
+    w_name = node.input[1]
+    w_src = producer.get(w_name)
+    if w_src is not None and w_src.op_type == "Transpose":
+        w_name = w_src.input[0]
+        w_src = producer.get(w_name)
+    if w_src is not None and w_src.op_type == "DequantizeLinear" and w_src.input[0] in inits:
+        t = inits[w_src.input[0]]
+        q = _arr(inits, t.name).astype(np.int32)
+        scale = _arr(inits, w_src.input[1]) if w_src.input[1] in inits else np.zeros(())
+        return {"w_bits": signed_bits(q), "w_container": _qtype_name(t),
+                "w_range": [int(q.min()), int(q.max())] if q.size else [0, 0],
+                "w_per_channel": bool(scale.size > 1)}
+    if w_name in inits:
+        return {"w_bits": FP, "w_container": "float"}
+    return None
+
+
+def _onnx_activation(path: Path, node: Any, producer: Mapping[str, Any],
+                     inits: Mapping[str, Any]) -> dict[str, Any]:
+    """The input-activation fields of a layer node (from its QuantizeLinear and Clip)."""
+    from mpqkit.export.onnx_export import QTYPE_BY_ONNX
+
+    a_src = producer.get(node.input[0])
+    if a_src is None or a_src.op_type != "DequantizeLinear":
+        return {"a_bits": FP, "a_container": "float"}
+    q_src = producer.get(a_src.input[0])
+    clip = None
+    if q_src is not None and q_src.op_type == "Clip":
+        lo_hi = [int(_arr(inits, n).reshape(())) for n in q_src.input[1:3] if n in inits]
+        clip = lo_hi if len(lo_hi) == 2 else None
+        q_src = producer.get(q_src.input[0])
+    if q_src is None or q_src.op_type != "QuantizeLinear" or len(q_src.input) < 3:
+        raise ExportError(f"{path}: layer {node.name!r} dequantizes an activation that "
+                          "no QuantizeLinear produced: not an mpqkit QDQ graph")
+    zp = inits.get(q_src.input[2])
+    qt = QTYPE_BY_ONNX.get(zp.data_type) if zp is not None else None
+    if qt is None:
+        raise ExportError(f"{path}: layer {node.name!r} quantizes to an unknown type")
+    lo, hi = clip if clip else (qt.lo, qt.hi)
+    return {"a_bits": range_bits(lo, hi), "a_container": qt.name + ("+Clip" if clip else ""),
+            "a_range": [lo, hi], "a_signed": lo < 0}
 
 
 # ----------------------------------------------------------------------------------------------
