@@ -160,6 +160,16 @@ def test_dual_lambda_rises_above_budget_and_stays_nonnegative():
     assert dual.value == 0.0
 
 
+def test_equality_dual_turns_negative_below_its_target():
+    dual = DualLambda(0.5, lower=None, target=0.99)
+    assert dual.update(0.99, 1.0) == pytest.approx(0.0)  # at the target: no change
+    low = dual.update(0.8, 1.0)
+    assert low == pytest.approx(0.5 * (0.8 / 0.99 - 1)) and low < 0  # pulls the cost up
+    assert dual.update(1.2, 1.0) == pytest.approx(low + 0.5 * (1.2 / 0.99 - 1))
+    assert DualLambda(0.5, -1.0, lower=None).value == -1.0
+    assert DualLambda(0.5, -1.0).value == 0.0
+
+
 def test_resume_continues_from_the_last_finished_epoch(folder, tmp_path):
     # more epochs on resume: a schedule that does not depend on the number of epochs (a
     # cosine one would anneal differently over 2 epochs than over 1)

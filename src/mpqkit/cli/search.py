@@ -104,6 +104,10 @@ def _add_schedule_args(p: argparse.ArgumentParser) -> None:
                    help="dual-ascent step of the budget multiplier lambda (default 0.5)")
     s.add_argument("--lambda-init", dest="lambda_init", type=float,
                    help="first value of the budget multiplier lambda (default 0)")
+    s.add_argument("--dual", dest="dual", choices=["equality", "inequality"],
+                   help="budget constraint of lambda: inequality (default, lambda >= 0) or "
+                        "equality (lambda may turn negative and pull a search below the budget "
+                        "up to the middle of the band)")
     s.add_argument("--lambda-on", dest="lambda_on", choices=["argmax", "expected"],
                    help="cost that drives lambda: of the argmax policy (default) or expected")
     s.add_argument("--calib-batches", dest="calib_batches", type=int, metavar="N")

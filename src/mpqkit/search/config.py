@@ -27,6 +27,7 @@ from mpqkit.search.supernet import parse_candidates
 
 LAMBDA_ON = ("argmax", "expected")
 ARCH_OPTIMIZERS = ("sgd", "adam")
+DUALS = ("equality", "inequality")
 # keys of mpqkit 0.1's flat SearchConfig that now live in the ``optim`` section
 _LEGACY_OPTIM = {"lr_w": "lr", "momentum": "momentum", "nesterov": "nesterov",
                  "weight_decay": "weight_decay", "schedule": "schedule", "step_size": "step_size",
@@ -100,6 +101,11 @@ class SearchConfig:
     # the search, would choose the bits. The penalty's gradient acts on the expected cost either
     # way.
     lambda_on: str = "argmax"
+    # "inequality" (default, as mpqkit 0.1): lambda >= 0 for C <= B; below the budget only the
+    # task loss raises the bits. "equality": lambda is a free multiplier of C = (1 - tol/2) B,
+    # pulling a search below the budget back up too; with lambda_lr 0.5 it swung the argmax
+    # between 0.68 and 1.37 x budget in a 10-epoch ASGA search (inequality: 0.68 to 0.93).
+    dual: str = "inequality"
     bilevel: bool = False  # logits on a held-out part of the proxy set (first-order)
     val_fraction: float = 0.5
     options: Any = None
@@ -123,9 +129,12 @@ class SearchConfig:
         check_choice("first_last", self.first_last, FIRST_LAST_MODES)
         check_choice("arch_optimizer", self.arch_optimizer, ARCH_OPTIMIZERS)
         self.arch_betas = list(check_betas("arch_betas", self.arch_betas))
+        if self.lambda_init < 0 and self.dual == "inequality":
+            raise ConfigError(f"lambda_init={self.lambda_init} must be >= 0 with dual inequality")
         if self.arch_warmup_epochs < 0:
             raise ConfigError(f"arch_warmup_epochs={self.arch_warmup_epochs} must be >= 0")
         check_choice("lambda_on", self.lambda_on, LAMBDA_ON)
+        check_choice("dual", self.dual, DUALS)
         for name in ("epochs", "calib_batches"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be at least 1")
@@ -133,7 +142,7 @@ class SearchConfig:
             raise ConfigError("max_steps_per_epoch must be at least 1 (or unset for full epochs)")
         if not self.lr_alpha > 0:
             raise ConfigError(f"lr_alpha={self.lr_alpha} must be positive: e.g. 0.01")
-        for name in ("alpha_weight_decay", "lambda_lr", "lambda_init", "save_every_min"):
+        for name in ("alpha_weight_decay", "lambda_lr", "save_every_min"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 0")
         if not 0 <= self.tol < 1:

@@ -92,15 +92,24 @@ register_checkpoint_builder("supernet", supernet_from_checkpoint)
 
 
 class DualLambda:
-    """Penalty weight by dual ascent: ``lambda <- max(0, lambda + eta * (C / B - 1))``."""
+    """Penalty weight by dual ascent: ``lambda <- lambda + eta * (C / (target B) - 1)``.
 
-    def __init__(self, eta: float, value: float = 0.0) -> None:
-        self.eta = float(eta)
-        self.value = max(0.0, float(value))
+    ``lower=0`` (the inequality ``C <= B``): lambda stays >= 0, so below the budget only the task
+    loss moves the logits. ``lower=None`` (the equality ``C = target B``): lambda may turn
+    negative and pull the cost up to the target as well.
+    """
+
+    def __init__(self, eta: float, value: float = 0.0, *, lower: float | None = 0.0,
+                 target: float = 1.0) -> None:
+        self.eta, self.lower, self.target = float(eta), lower, float(target)
+        self.value = self._clamp(float(value))
+
+    def _clamp(self, v: float) -> float:
+        return v if self.lower is None else max(self.lower, v)
 
     def update(self, cost: float, budget: float) -> float:
         """One step on the constraint gap; returns the new ``lambda``."""
-        self.value = max(0.0, self.value + self.eta * (cost / budget - 1.0))
+        self.value = self._clamp(self.value + self.eta * (cost / (self.target * budget) - 1.0))
         return self.value
 
 
@@ -155,7 +164,9 @@ class SupernetSearch:
         self.base, self.asga = create_optimizer(groups, self.optim_cfg, self.supernet)
         self.optimizers = OptimizerSet(self.base, *([self.arch_opt] if self.arch_opt else []))
         self.arch_frozen = False
-        self.dual = DualLambda(cfg.lambda_lr, cfg.lambda_init)
+        eq = cfg.dual == "equality"  # aim at the middle of the band [(1 - tol) B, B]
+        self.dual = DualLambda(cfg.lambda_lr, cfg.lambda_init, lower=None if eq else 0.0,
+                               target=1.0 - cfg.tol / 2 if eq else 1.0)
         self.counters = _Counters()
         self._arch = self.supernet.arch_parameters()
         self._weights = self.supernet.weight_parameters()
@@ -480,7 +491,8 @@ def _run_supernet(run: Run, ctx: SearchContext, method: SupernetMethod) -> Searc
                      "seconds": round(counters.seconds, 3)},
         optimizer={**search.optim_cfg.record(), "lr_alpha": cfg.lr_alpha,
                    "batch_size": cfg.data.batch_size},
-        dual={"eta": cfg.lambda_lr, "on": cfg.lambda_on, "lambda_final": search.dual.value},
+        dual={"eta": cfg.lambda_lr, "on": cfg.lambda_on, "constraint": cfg.dual,
+              "target": search.dual.target, "lambda_final": search.dual.value},
         decidedness_mean=(sum(decided.values()) / len(decided)) if decided else 1.0,
         argmax_bits={n: list(b) for n, b in argmax.items()}, repair=repair_rec,
         details={"decision": sn.decision_stats(), **method_prov})
