@@ -106,7 +106,8 @@ def write(results: list[dict[str, Any]], args: argparse.Namespace, name: str) ->
              f"{args.epochs} epochs, batch {args.batch_size}, seed {args.seed})", "",
              f"`{meta['command']}` (torch {meta['torch']}, {args.threads} thread(s)). "
              "Goal: argmax before the repair in [0.9, 1.0] x budget, at most 2 layers "
-             "repaired.", "",
+             "repaired. 'search s' is the search loop's wall time as measured, with whatever "
+             "else ran on the machine (compare step times with bench_search.py instead).", "",
              "| run | argmax / budget | layers repaired | top-1 p | entropy | avg w/a | "
              "search s | decided |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
