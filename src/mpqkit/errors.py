@@ -45,9 +45,13 @@ def check_choice(name: str, value: str, choices: tuple[str, ...] | list[str]) ->
     return value
 
 
-def check_betas(name: str, betas: tuple[float, ...] | list[float]) -> tuple[float, float]:
+def check_betas(name: str, betas: object) -> tuple[float, float]:
     """Two Adam betas in [0, 1), else a one-line :class:`ConfigError`."""
-    out = tuple(float(b) for b in betas)
+    try:
+        out = tuple(float(b) for b in (betas.split(",") if isinstance(betas, str) else betas))
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}={betas!r} must be two numbers in [0, 1), e.g. "
+                          "0.9,0.999") from None
     if len(out) != 2 or not all(0 <= b < 1 for b in out):
         raise ConfigError(f"{name}={list(out)} must be two numbers in [0, 1), e.g. 0.9,0.999")
     return out  # type: ignore[return-value]

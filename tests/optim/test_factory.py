@@ -77,3 +77,41 @@ def test_schedule_scales_each_group_by_its_base_lr():
                            {"params": [b], "lr": 0.01, "base_lr": 0.01}], lr=0.1)
     StepSchedule(opt, "step", epochs=20, steps_per_epoch=1, step_size=10).set_step(10)
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.01, 0.001])
+
+
+def test_optimizer_set_saves_and_restores_both_optimizers_as_one():
+    from mpqkit.optim import OptimizerSet
+
+    def make():  # type: ignore[no-untyped-def]
+        torch.manual_seed(0)
+        w, a = nn.Parameter(torch.randn(3, 3)), nn.Parameter(torch.zeros(4))
+        sgd = torch.optim.SGD([w], lr=0.1, momentum=0.9)
+        adam = torch.optim.Adam([a], lr=0.05, betas=(0.5, 0.999))
+        return w, a, OptimizerSet(sgd, adam)
+
+    w, a, opt = make()
+    for _ in range(3):
+        opt.zero_grad()
+        ((w ** 2).sum() + (a - 1).pow(2).sum()).backward()
+        for o in opt.optimizers:
+            o.step()
+    sd = opt.state_dict()
+    assert sorted(sd["state"]) == [0, 1] and [g["params"] for g in sd["param_groups"]] == [[0], [1]]
+    w2, a2, opt2 = make()
+    opt2.load_state_dict(sd)
+    assert torch.equal(opt2.optimizers[0].state[w2]["momentum_buffer"],
+                       opt.optimizers[0].state[w]["momentum_buffer"])
+    assert torch.equal(opt2.optimizers[1].state[a2]["exp_avg"],
+                       opt.optimizers[1].state[a]["exp_avg"])
+    assert [g["lr"] for g in opt2.param_groups] == [0.1, 0.05]
+    with pytest.raises(ValueError, match="param groups"):
+        OptimizerSet(opt2.optimizers[0]).load_state_dict(sd)
+
+
+def test_betas_are_checked_in_one_line():
+    from mpqkit.errors import check_betas
+
+    assert check_betas("b", "0.5,0.9") == (0.5, 0.9)
+    for bad in (0.5, "x", [0.9, 1.0]):
+        with pytest.raises(ConfigError, match="two numbers"):
+            check_betas("b", bad)

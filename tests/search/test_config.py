@@ -61,3 +61,11 @@ def test_a_config_of_mpqkit_0_1_still_loads(tmp_path):
     path.write_text(yaml.safe_dump(old))
     cfg = load_search_config(path)
     assert cfg.options.hawq_batch_size == 8 and cfg.options.teacher_epochs == 2
+
+
+def test_flags_override_a_migrated_0_1_config(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({"method": "asga", "budget": "w3a3", "lr_w": 0.2}))
+    cfg = load_search_config(path, {"optim.lr": 0.3, "arch_optimizer": "adam"})
+    assert cfg.optim.lr == 0.3 and cfg.arch_optimizer == "adam"
+    assert load_search_config(path).arch_optimizer == "sgd"

@@ -155,7 +155,12 @@ def restore_optimizer(optimizer: OptimizerState, tensors: Mapping[str, torch.Ten
                       meta: Mapping[str, Any]) -> None:
     if "optimizer" not in meta:
         raise CheckpointError("checkpoint has no optimizer state: resume from last.safetensors")
-    optimizer.load_state_dict(_unflatten_optimizer(meta["optimizer"], tensors))
+    try:
+        optimizer.load_state_dict(_unflatten_optimizer(meta["optimizer"], tensors))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"the optimizer state in the checkpoint does not match this run's "
+                              f"optimizer ({str(exc).splitlines()[0][:120]}): resume with the "
+                              "settings the run was started with") from None
     if "rng/torch" in tensors:
         torch.set_rng_state(tensors["rng/torch"])
 

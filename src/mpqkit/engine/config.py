@@ -149,7 +149,9 @@ def load_config(cls: type[T], config_file: str | Path | None = None,
     """Defaults, then the YAML file, then ``overrides`` (dotted keys allowed)."""
     d = to_dict(cls())
     if config_file:
-        d = merge(d, read_yaml(config_file))
+        y = read_yaml(config_file)
+        migrate = getattr(cls, "migrate", None)  # an older layout, read before flags apply
+        d = merge(d, migrate(y) if migrate is not None else y)
     if overrides:
         d = merge(d, {k: v for k, v in overrides.items() if v is not None})
     return from_dict(cls, d, str(config_file) if config_file else "config")

@@ -50,6 +50,9 @@ from mpqkit.optim.factory import StepSchedule
 
 log = logging.getLogger("mpqkit")
 C = TypeVar("C")
+# config fields a resumed run takes from the resuming call: where things are and how they are
+# read or saved, never what is computed
+RESUME_FREE = ("save_every_min", "data.data_dir", "data.cache_dir", "data.workers")
 
 
 class _StdoutHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -94,6 +97,17 @@ class RunFiles:
     distributed: bool = True  # may run under torchrun
 
 
+def _same_on_all_ranks(path: Path) -> Path:
+    """Rank 0's ``path`` on every rank (a timestamped default may differ between ranks)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return path
+    box = [str(path)]
+    dist.broadcast_object_list(box, src=0)
+    return Path(box[0])
+
+
 class MetricsLog:
     """The per-epoch CSV of a run (``None`` written as an empty cell)."""
 
@@ -108,14 +122,14 @@ class MetricsLog:
                 w.writeheader()
             w.writerow({k: ("" if v is None else v) for k, v in row.items()})
 
-    def read(self, upto_epoch: int | None = None) -> list[dict[str, Any]]:
-        """Rows of finished epochs; rows after ``upto_epoch`` are dropped from the file too."""
+    def read(self, upto_epoch: int | None = None, rewrite: bool = True) -> list[dict[str, Any]]:
+        """Rows of finished epochs; with ``rewrite`` rows after ``upto_epoch`` leave the file."""
         if not self.path.is_file():
             return []
         with self.path.open() as f:
             rows = list(csv.DictReader(f))
-        if upto_epoch is not None and any(int(r["epoch"]) > upto_epoch for r in rows):
-            rows = [r for r in rows if int(r["epoch"]) <= upto_epoch]
+        rows = [r for r in rows if upto_epoch is None or int(r["epoch"]) <= upto_epoch]
+        if rewrite and upto_epoch is not None:
             with self.path.open("w", newline="") as f:
                 w = csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore")
                 w.writeheader()
@@ -145,7 +159,8 @@ class Run:
         device = resolve_device(getattr(cfg, "device", "auto"))
         world = init_distributed(device)
         out = getattr(cfg, "out", None)
-        run_dir = Path(out) if out else runio.default_run_dir(files.command, *name)
+        run_dir = Path(out) if out else _same_on_all_ranks(
+            runio.default_run_dir(files.command, *name))
         runio.prepare_run_dir(run_dir, resume=bool(getattr(cfg, "resume", False)),
                               overwrite=bool(getattr(cfg, "overwrite", False)),
                               resume_file=files.resume_file, artifacts=files.artifacts,
@@ -159,8 +174,12 @@ class Run:
     @staticmethod
     def _resumed_config(cfg: C, run_dir: Path, files: RunFiles) -> C:
         saved = load_config(type(cfg), run_dir / "config.yaml")
-        for name in files.keep_on_resume:
-            setattr(saved, name, getattr(cfg, name))
+        for name in files.keep_on_resume + RESUME_FREE:
+            *path, leaf = name.split(".")
+            src, dst = cfg, saved
+            for part in path:
+                src, dst = getattr(src, part), getattr(dst, part)
+            setattr(dst, leaf, getattr(src, leaf))
         saved.resume, saved.out = True, str(run_dir)  # type: ignore[attr-defined]
         return saved
 
@@ -289,12 +308,23 @@ def resume(run: Run, task: Task) -> LoopState:
     path = run.dir / "last.safetensors"
     tensors, meta = read_checkpoint(path)
     load_model_state(task.model, tensors, str(path))
+    bases = [g.get("base_lr", g["lr"]) for g in task.optimizer.param_groups]  # type: ignore[attr-defined]
     restore_optimizer(task.optimizer, tensors, meta)
+    for g, base in zip(task.optimizer.param_groups, bases, strict=True):  # type: ignore[attr-defined]
+        g["base_lr"] = base  # the run's own (checkpoints of mpqkit 0.1 have none)
     ex = meta.get("extra_state", {})
     task.load_extra_state(ex)
     state = LoopState.from_dict(ex)
     log.info(f"resumed {run.dir} at epoch {state.epoch + 1}, batch {state.step}")
     return state
+
+
+def _finite_everywhere(run: Run, loss: Tensor) -> bool:
+    """Whether the loss is finite on every rank (all ranks stop together, none hangs)."""
+    bad = 0.0 if bool(torch.isfinite(loss)) else 1.0
+    if run.world.enabled:
+        bad = all_reduce_sum([bad], run.device)[0]
+    return bad == 0.0
 
 
 def _save_last(run: Run, task: Task, state: LoopState,
@@ -330,7 +360,8 @@ def _end_epoch(run: Run, task: Task, state: LoopState, stats: EpochStats,
 def fit(run: Run, task: Task, state: LoopState, *, epochs: int, steps_per_epoch: int,
         save_every_min: float = 0.0, progress: bool = True) -> list[dict[str, Any]]:
     """Train ``task`` from ``state`` to ``epochs``; returns the rows of every finished epoch."""
-    rows = run.metrics.read(upto_epoch=state.epoch)
+    rows = run.metrics.read(upto_epoch=state.epoch, rewrite=run.is_main)
+    barrier()
     last_save = time.time()
     f = 1.0
     while state.epoch < epochs:
@@ -341,7 +372,7 @@ def fit(run: Run, task: Task, state: LoopState, *, epochs: int, steps_per_epoch:
         for x, y in itertools.islice(task.batches(epoch, skip), steps_per_epoch - skip):
             f = task.schedule.set_step(epoch * steps_per_epoch + state.step)
             out = task.step(x, y)
-            if not torch.isfinite(out.loss):
+            if not _finite_everywhere(run, out.loss):
                 raise ConfigError(f"the {task.name} loss became {out.loss.item()} at epoch "
                                   f"{epoch + 1} step {state.step}: {task.nonfinite_hint}")
             state.add(out, y)

@@ -163,10 +163,6 @@ class OptimizerSet:
         for o in self.optimizers:
             o.zero_grad(set_to_none=set_to_none)
 
-    def step(self) -> None:
-        for o in self.optimizers:
-            o.step()
-
     def state_dict(self) -> dict[str, Any]:
         state: dict[int, Any] = {}
         groups: list[dict[str, Any]] = []
@@ -181,6 +177,8 @@ class OptimizerSet:
 
     def load_state_dict(self, sd: Mapping[str, Any]) -> None:
         groups, state = list(sd["param_groups"]), sd["state"]
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"{len(groups)} saved param groups for {len(self.param_groups)}")
         for o in self.optimizers:
             mine, groups = groups[:len(o.param_groups)], groups[len(o.param_groups):]
             ids = {int(i) for g in mine for i in g["params"]}

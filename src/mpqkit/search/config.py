@@ -89,7 +89,8 @@ class SearchConfig:
     alpha_weight_decay: float = 0.0
     arch_betas: list[float] = field(default_factory=lambda: [0.5, 0.999])
     arch_warmup_epochs: int = 0  # logits frozen (and lambda held) for the first epochs
-    # budget dual ascent: lambda <- max(0, lambda + lambda_lr * (C / B - 1)) every step. 0.5 is
+    # budget dual ascent: lambda <- max(0, lambda + lambda_lr * (C / B - 1)) every step (dual
+    # "inequality"; "equality" below aims at the band's middle with a free lambda). 0.5 is
     # our default: on a 100-step CIFAR-10 proxy search 0.01 left lambda without effect, 1.0
     # met the budget within ~70 steps and then overshot.
     lambda_lr: float = 0.5

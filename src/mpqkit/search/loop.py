@@ -10,8 +10,9 @@ method registered under ``cfg.method`` (:mod:`mpqkit.search.registry`):
 * a policy method (a function: ``hawq``, ``uniform``, ``random``) returns bits.
 
 Budget targeting (no hand-tuned penalty weight): the loss is ``task + lambda * C(alpha) / B``
-and ``lambda`` follows a dual (Lagrange) ascent on the constraint ``C <= B`` every step,
-``lambda <- max(0, lambda + eta * (C / B - 1))``. The argmax policy is finally repaired into
+and ``lambda`` follows a dual (Lagrange) ascent every step: on ``C <= B`` by default,
+``lambda <- max(0, lambda + eta * (C / B - 1))``, or on ``C = (1 - tol/2) B`` with
+``dual="equality"`` (lambda free). The argmax policy is finally repaired into
 ``[(1 - tol) B, B]`` by :func:`mpqkit.search.budget.repair`, least decided layers first.
 
 A run folder holds ``config.yaml``, ``policy.json``, ``search.csv`` (per epoch), ``alpha.json``
@@ -71,8 +72,9 @@ CSV_FIELDS = ("epoch", "steps", "lr_w", "lr_alpha", "loss", "acc", "task_loss", 
               "images_per_s", "argmax_ratio", "top1_prob", "entropy")
 FILES = RunFiles("search", "search.csv", CSV_FIELDS,
                  artifacts=("search.csv", "alpha.json", "log.txt", "last.safetensors",
-                            "last.json", "policy.json", "config.yaml"),
-                 subdirs=("teacher",), resume_file="config.yaml",
+                            "last.json", "policy.json", "config.yaml", "hawq_traces.json",
+                            "hawq_sensitivity.json"),
+                 subdirs=("teacher", "fp"), resume_file="config.yaml",
                  keep_on_resume=("device", "progress", "epochs"), distributed=False)
 
 
@@ -242,7 +244,8 @@ class SupernetSearch:
                 held["cost"] = self._penalty()
 
         stats = sharp.second_step(loss_adv, before_update=before_update)
-        self._arch_update()
+        if not stats.get("skipped"):  # a step with non-finite grads moves nothing
+            self._arch_update()
         extras = {**extras, "rho": stats["rho"], "h": stats["h"], "cos": stats["cos_g_gadv"]}
         self._count(2, int(x.shape[0]))
         return loss, logits, extras, held["cost"] if penalty else self._cost()
@@ -431,6 +434,8 @@ class _SearchTask:
                 "method": ctx.cfg.method, "kind": "supernet", "config": to_dict(ctx.cfg)}
 
     def extra_state(self) -> dict[str, Any]:
+        if self._t0 is not None:  # mid-epoch too: the time of a partial epoch counts
+            self.search.counters.seconds = self._seconds_before + (time.time() - self._t0)
         return self.search.extra_state()
 
     def load_extra_state(self, ex: Mapping[str, Any]) -> None:
@@ -489,8 +494,9 @@ def _run_supernet(run: Run, ctx: SearchContext, method: SupernetMethod) -> Searc
                f"{cfg.val_fraction:g} of the proxy set") if cfg.bilevel else "single-level",
         search_cost={**counters.to_dict(), **method.counters(),
                      "seconds": round(counters.seconds, 3)},
-        optimizer={**search.optim_cfg.record(), "lr_alpha": cfg.lr_alpha,
-                   "batch_size": cfg.data.batch_size},
+        optimizer={**search.optim_cfg.record(), "arch_optimizer": cfg.arch_optimizer,
+                   "lr_alpha": cfg.lr_alpha, "batch_size": cfg.data.batch_size,
+                   **({"arch_betas": cfg.arch_betas} if cfg.arch_optimizer == "adam" else {})},
         dual={"eta": cfg.lambda_lr, "on": cfg.lambda_on, "constraint": cfg.dual,
               "target": search.dual.target, "lambda_final": search.dual.value},
         decidedness_mean=(sum(decided.values()) / len(decided)) if decided else 1.0,

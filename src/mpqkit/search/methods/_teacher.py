@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -59,13 +61,21 @@ def proxy_fp_model(ctx: SearchContext, checkpoint: str | None, epochs: int, fold
     return model, record
 
 
+def _finished(out: Path, epochs: int) -> bool:
+    """Whether the FP run in ``out`` finished ``epochs`` epochs (else it is trained again)."""
+    try:
+        return int(json.loads((out / "last.json").read_text())["epoch"]) == epochs
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 def _trained(ctx: SearchContext, epochs: int, folder: str,
              who: str) -> tuple[nn.Module, dict[str, Any]]:
     cfg, out = ctx.cfg, ctx.run_dir / folder
     best = out / "best.safetensors"
     record: dict[str, Any] = {"source": f"trained:{best}", "epochs": epochs,
                               "data": ctx.data.description}
-    if best.is_file():
+    if best.is_file() and _finished(out, epochs):
         model, meta = load_checkpoint_model(best)
         record.update(top1=(meta.get("metrics") or {}).get("eval_acc"), reused=True)
         return model, record

@@ -83,7 +83,8 @@ def uniform_bits(infos: Mapping[str, LayerInfo], budget: Budget, searchable: Seq
 def uniform_method(ctx: SearchContext) -> MethodResult:
     """Uniform precision: the largest uniform policy not above the budget.
 
-    Equal-cost candidates: more activation bits win (:func:`uniform_candidates`); the ones
+    Equal-cost candidates: the more balanced pair, then more activation bits win
+    (:func:`uniform_candidates`); the ones
     skipped are logged and recorded (``uniform_ties_skipped``). ``same_bits`` (default false)
     restricts it to ``w_bits == a_bits``. The result is exempt from the budget-band repair: a
     uniform policy need not come within 2%.
