@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the bundled data, in minutes on 2 CPU cores:
 #   1. ASGA search of a mixed-precision policy for ResNet-20 on a small CIFAR-10 proxy subset,
+#      starting from the bundled full-precision weights,
 #      under the BitOps budget of uniform w4a4,
 #   2. transfer of the policy to the target task (the full CIFAR-10 set, ResNet-20 at 32x32),
 #   3. quantization-aware fine-tune of the bundled full-precision ResNet-20 with that policy,
@@ -17,7 +18,7 @@ MPQ=.venv/bin/mpqkit
 OUT=${OUT:-runs/demo}
 
 echo "== 1. ASGA search on 1,000 CIFAR-10 images (budget: BitOps of uniform w4a4)"
-$MPQ search --method asga --model resnet20 --data cifar10 --subset 1000 --epochs 3 \
+$MPQ search --method asga --model resnet20 --weights bundled --data cifar10 --subset 1000 --epochs 3 \
   --batch-size 128 --budget w4a4 --out "$OUT/search" --overwrite
 
 echo "== 2. transfer to the target (ResNet-20, 32x32)"

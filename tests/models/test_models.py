@@ -44,13 +44,14 @@ def test_unknown_models(name, match):
         build_model(name)
 
 
-def test_bundled_resnet20_checkpoint_loads():
-    path = bundled_weights("resnet20", "cifar10")
-    if path is None:
-        pytest.skip("bundled checkpoint not built yet")
+@pytest.mark.parametrize(("dataset", "classes", "floor"), [("cifar10", 10, 80),
+                                                          ("tiny-imagenet-32", 200, 35)])
+def test_bundled_resnet20_checkpoints_load(dataset, classes, floor):
+    path = bundled_weights("resnet20", dataset)
+    assert path is not None, f"the bundled {dataset} checkpoint is missing"
     from mpqkit.engine.checkpoint import load_model_state, read_checkpoint
 
     tensors, _ = read_checkpoint(path)
-    load_model_state(build_model("resnet20"), tensors, str(path))
-    info = bundled_info("resnet20", "cifar10")
-    assert info is not None and info["test_top1"] > 80
+    load_model_state(build_model("resnet20", num_classes=classes), tensors, str(path))
+    info = bundled_info("resnet20", dataset)
+    assert info is not None and info["test_top1"] > floor and info["dataset"] == dataset
