@@ -84,7 +84,7 @@ def add_run_dir_args(g: Group, default_out: str, resume_help: str) -> None:
 # ----------------------------------------------------------------------------------------------
 # flags of a config dataclass
 # ----------------------------------------------------------------------------------------------
-def _number_list(elem: type, length: int | None) -> Callable[[str], list[Any]]:
+def number_list(elem: type, length: int | None) -> Callable[[str], list[Any]]:
     """Parser of ``"0.9,0.999"`` into a list of ``elem`` (of ``length`` items if given)."""
     name = "integers" if elem is int else "numbers"
 
@@ -114,7 +114,7 @@ def _sequence_kwargs(tp: Any) -> dict[str, Any] | None:
         return None
     length = len(args) if origin is tuple and Ellipsis not in typing.get_args(tp) else None
     metavar = ",".join(["X"] * length) if length else "X,X,.."
-    return {"type": _number_list(elem, length), "metavar": metavar}
+    return {"type": number_list(elem, length), "metavar": metavar}
 
 
 def flag_kwargs(tp: Any, name: str) -> dict[str, Any]:

@@ -19,28 +19,13 @@ from mpqkit.cli.args import (
     add_optim_args,
     add_quant_args,
     add_run_dir_args,
+    number_list,
     overrides,
     print_json,
 )
 
 # old flat flag names of mpqkit 0.1 kept as aliases of the ``optim.*`` flags
 OPTIM_ALIASES = {"lr": ["--lr-w"]}
-
-
-def _bits(text: str) -> str:
-    parts = [p for p in text.replace(" ", "").split(",") if p]
-    if not parts or not all(p.isdigit() for p in parts):
-        raise argparse.ArgumentTypeError(f"bit candidates {text!r} must be integers separated by "
-                                         "commas, e.g. 2,3,4,6")
-    return ",".join(parts)
-
-
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(p) for p in text.replace(" ", "").split(",") if p]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} must be numbers separated by commas, e.g. "
-                                         "0.5,0.999") from None
 
 
 def methods_help(specs: Sequence[Any]) -> str:
@@ -64,9 +49,9 @@ def _add_model_args(p: argparse.ArgumentParser, specs: Sequence[Any]) -> None:
 
 def _add_budget_args(p: argparse.ArgumentParser) -> None:
     b = p.add_argument_group("search space and budget")
-    b.add_argument("--w-bits", dest="w_bits", type=_bits, metavar="B,B,..",
+    b.add_argument("--w-bits", dest="w_bits", type=number_list(int, None), metavar="B,B,..",
                    help="weight bit candidates (default 2,3,4,6)")
-    b.add_argument("--a-bits", dest="a_bits", type=_bits, metavar="B,B,..",
+    b.add_argument("--a-bits", dest="a_bits", type=number_list(int, None), metavar="B,B,..",
                    help="activation bit candidates (default 2,3,4,6)")
     b.add_argument("--budget", dest="budget", metavar="wWaA",
                    help="BitOps of the uniform policy wWaA, e.g. w4a4")
@@ -93,7 +78,7 @@ def _add_schedule_args(p: argparse.ArgumentParser) -> None:
                         "of the weights' optimizer (as EdMIPS/GMPQ and mpqkit 0.1)")
     s.add_argument("--lr-alpha", dest="lr_alpha", type=float,
                    help="learning rate of the logits (default 0.05; 0.01 was 0.1's SGD value)")
-    s.add_argument("--arch-betas", dest="arch_betas", type=_floats, metavar="B1,B2",
+    s.add_argument("--arch-betas", dest="arch_betas", type=number_list(float, 2), metavar="B1,B2",
                    help="Adam betas of the logits with --arch-optimizer adam (default 0.5,0.999)")
     s.add_argument("--arch-warmup-epochs", dest="arch_warmup_epochs", type=int, metavar="N",
                    help="epochs with the logits frozen and lambda held, the weights warming up "

@@ -339,10 +339,8 @@ class _SearchTask:
         self.name = search.method.name
         self.model, self.optimizer = search.supernet, search.optimizers
         cfg = ctx.cfg
-        self.schedule = StepSchedule(search.optimizers, cfg.optim.schedule, epochs=cfg.epochs,
-                                     steps_per_epoch=steps_per_epoch,
-                                     warmup_epochs=cfg.optim.warmup_epochs,
-                                     step_size=cfg.optim.step_size)
+        self.schedule = StepSchedule.from_config(search.optimizers, cfg.optim, epochs=cfg.epochs,
+                                                 steps_per_epoch=steps_per_epoch)
         self.alpha_log: list[dict[str, Any]] = []
         self._val: Iterator[Any] | None = None
         self._cost = 0.0

@@ -67,6 +67,15 @@ def uniform_bits(infos: Mapping[str, LayerInfo], budget: Budget, searchable: Seq
     """The best uniform policy within budget (see :func:`uniform_candidates`)."""
     cands = uniform_candidates(infos, budget, searchable, fixed_bits, w_cands, a_cands,
                                same_bits=same_bits)
+    _check_some(cands, infos, budget, searchable, fixed_bits, w_cands, a_cands, same_bits)
+    _, w, a = cands[0]
+    return all_bits(infos, searchable, fixed_bits, w, a)
+
+
+def _check_some(cands: list[tuple[float, int, int]], infos: Mapping[str, LayerInfo],
+                budget: Budget, searchable: Sequence[str],
+                fixed_bits: Mapping[str, tuple[int, int]], w_cands: Sequence[int],
+                a_cands: Sequence[int], same_bits: bool) -> None:
     if not cands:
         wc, ac = sorted(set(w_cands)), sorted(set(a_cands))
         mn, _ = achievable_range(infos, searchable, fixed_bits, wc, ac, budget.kind)
@@ -74,8 +83,6 @@ def uniform_bits(infos: Mapping[str, LayerInfo], budget: Budget, searchable: Seq
                           f"smallest, w{wc[0]}a{ac[0]}, costs {budget.format(mn)}"
                           + (" (with w_bits == a_bits)" if same_bits else "")
                           + f": raise the budget to at least {budget.format(mn)}")
-    _, w, a = cands[0]
-    return all_bits(infos, searchable, fixed_bits, w, a)
 
 
 @register_method("uniform", config=UniformConfig, description="uniform precision: the largest "
@@ -90,11 +97,12 @@ def uniform_method(ctx: SearchContext) -> MethodResult:
     uniform policy need not come within 2%.
     """
     same = bool(ctx.options.same_bits)
-    bits = uniform_bits(ctx.infos, ctx.budget, ctx.searchable, ctx.fixed_bits,
-                        ctx.w_candidates, ctx.a_candidates, same_bits=same)
     cands = uniform_candidates(ctx.infos, ctx.budget, ctx.searchable, ctx.fixed_bits,
                                ctx.w_candidates, ctx.a_candidates, same_bits=same)
+    _check_some(cands, ctx.infos, ctx.budget, ctx.searchable, ctx.fixed_bits, ctx.w_candidates,
+                ctx.a_candidates, same)
     best, w, a = cands[0]
+    bits = all_bits(ctx.infos, ctx.searchable, ctx.fixed_bits, w, a)
     ties = [f"w{cw}a{ca}" for c, cw, ca in cands[1:] if abs(c - best) <= 1e-9 * best]
     if ties:
         log.info(f"uniform: w{w}a{a} chosen; equal-cost {', '.join(ties)} skipped (ties go to "
