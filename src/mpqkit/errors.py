@@ -38,6 +38,10 @@ class BudgetError(MpqkitError):
     """A complexity budget that cannot be met."""
 
 
+class NonFiniteError(ConfigError):
+    """A loss, gradient or weight that became NaN or infinite (the run diverged)."""
+
+
 def check_choice(name: str, value: str, choices: tuple[str, ...] | list[str]) -> str:
     """``value`` if it is one of ``choices``, else a one-line :class:`ConfigError`."""
     if value not in choices:

@@ -26,7 +26,14 @@ def add_run_args(p: argparse.ArgumentParser, quantized: bool) -> None:
     p.add_argument("--input-size", dest="input_size", type=int, metavar="PX",
                    help="input resolution (default: the dataset's native size)")
     p.add_argument("--weights", dest="weights", metavar="FILE",
-                   help="full-precision weights (safetensors), or 'bundled'")
+                   help="full-precision weights: a .safetensors or PyTorch state dict (.pth, .pt,"
+                        " .bin, .ckpt; read weights-only), 'bundled', or 'torchvision[:NAME]' "
+                        "(torchvision's pretrained weights from the torch hub cache)")
+    p.add_argument("--weights-map", dest="weights_map", metavar="OLD=NEW[,OLD=NEW]",
+                   help="rename key prefixes of --weights first, e.g. linear=fc")
+    p.add_argument("--new-head", dest="new_head", action=argparse.BooleanOptionalAction,
+                   default=None, help="start the classifier (last Linear) from random weights, "
+                                      "e.g. for another number of classes than --weights has")
     p.add_argument("--epochs", dest="epochs", type=int, metavar="N")
     p.add_argument("--max-steps-per-epoch", dest="max_steps_per_epoch", type=int, metavar="N",
                    help="cut every epoch short (quick checks)")

@@ -3,6 +3,8 @@
 * :mod:`mpqkit.engine.run`: the run folder, resume, metrics, best/last checkpoints, the epoch loop;
 * :mod:`mpqkit.engine.checkpoint`: checkpoint files and :func:`load_checkpoint_model`;
 * :mod:`mpqkit.engine.trainer`: ``train``, ``finetune``, ``evaluate``;
+* :mod:`mpqkit.engine.weights`: the weights a run starts from (files, torchvision's cache);
+* :mod:`mpqkit.engine.numerics`: non-finite losses, gradients and weights, found and named;
 * :mod:`mpqkit.engine.config`: config dataclasses, YAML and flags;
 * :mod:`mpqkit.engine.distributed`: rank/world from the environment (torchrun), one process
   needing no launcher.
@@ -29,10 +31,9 @@ from mpqkit.engine.trainer import (
     evaluate,
     evaluate_model,
     finetune,
-    load_weights,
-    resolve_weights,
     train,
 )
+from mpqkit.engine.weights import load_weights, resolve_weights
 
 __all__ = ["EpochStats", "LoopState", "Run", "RunConfig", "RunFiles", "RunResult", "StepOut",
            "Task", "check_classes", "evaluate", "evaluate_model", "finetune", "fit", "from_dict",

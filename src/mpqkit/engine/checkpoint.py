@@ -27,8 +27,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mpqkit.engine.config import from_dict
+from mpqkit.engine.numerics import nonfinite_names
 from mpqkit.errors import CheckpointError
 from mpqkit.models import build_model
+from mpqkit.models.pretrained import TORCH_SUFFIXES, group_keys
 from mpqkit.policy import Policy
 from mpqkit.quant import QuantConfig, quantize_model
 from mpqkit.runio import atomic_write
@@ -69,12 +71,19 @@ class OptimizerState(Protocol):
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None: ...
 
 
+def _refuse_nonfinite(tensors: Mapping[str, torch.Tensor], source: str, fix: str) -> None:
+    """A one-line :class:`CheckpointError` when a floating-point tensor holds a NaN or inf."""
+    bad = nonfinite_names(tensors.items())
+    if bad:
+        raise CheckpointError(f"{source}: {len(bad)} tensor(s) hold NaN or inf values, first "
+                              f"{bad[0]}: {fix}")
+
+
 def save_checkpoint(path_stem: str | Path, model: nn.Module, meta: Mapping[str, Any],
                     optimizer: OptimizerState | None = None,
                     extra_state: Mapping[str, Any] | None = None) -> Path:
     """Write ``STEM.safetensors`` and ``STEM.json``; returns the safetensors path."""
     stem = Path(path_stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     info = {"format": FORMAT, "version": VERSION, **meta}
     if optimizer is not None:
@@ -85,6 +94,8 @@ def save_checkpoint(path_stem: str | Path, model: nn.Module, meta: Mapping[str, 
     if extra_state:
         info["extra_state"] = dict(extra_state)
     st = stem.with_suffix(".safetensors")
+    _refuse_nonfinite(tensors, f"checkpoint {st}", "the run diverged; nothing was written")
+    stem.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(st, lambda p: save_file(tensors, str(p), metadata={"format": FORMAT}))
     atomic_write(stem.with_suffix(".json"),
             lambda p: p.write_text(json.dumps(info, indent=2, default=str) + "\n"))
@@ -100,6 +111,12 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     if p.is_dir():
         raise CheckpointError(f"{p} is a folder: pass a checkpoint file such as "
                               f"{p}/best.safetensors")
+    if p.suffix in TORCH_SUFFIXES:
+        raise CheckpointError(f"{p} is a PyTorch file, not an mpqkit checkpoint: pass it as "
+                              "--weights to train/finetune, or pass RUN_DIR/best.safetensors")
+    if p.suffix not in ("", ".safetensors", ".json"):
+        raise CheckpointError(f"{p} is not a checkpoint (.safetensors, or its .json): pass "
+                              "RUN_DIR/best.safetensors")
     st = p if p.suffix == ".safetensors" else p.with_suffix(".safetensors")
     if not st.is_file():
         raise CheckpointError(f"checkpoint {st} does not exist: pass RUN_DIR/best.safetensors or "
@@ -129,9 +146,15 @@ def model_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
 
 
 def load_model_state(model: nn.Module, tensors: Mapping[str, torch.Tensor], source: str,
-                     strict: bool = True) -> None:
-    """Load model weights, with a one-line error listing missing/unexpected/mis-shaped keys."""
+                     strict: bool = True, fix: str = "pass the --model/--num-classes (and "
+                     "policy) it was trained with") -> None:
+    """Load model weights; a one-line error groups missing/unexpected/mis-shaped keys.
+
+    Non-finite tensors are refused. ``fix`` ends the error message.
+    """
     state = model_tensors(tensors)
+    _refuse_nonfinite(state, f"checkpoint {source}", "use a checkpoint written before the run "
+                      "diverged, or re-create it")
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -140,14 +163,14 @@ def load_model_state(model: nn.Module, tensors: Mapping[str, torch.Tensor], sour
     if shape or (strict and (missing or unexpected)):
         parts = []
         if missing:
-            parts.append(f"missing {', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}")
+            parts.append(f"missing {group_keys(missing)}")
         if unexpected:
-            parts.append(f"unexpected {', '.join(unexpected[:6])}"
-                         f"{' ...' if len(unexpected) > 6 else ''}")
+            parts.append(f"unexpected {group_keys(unexpected)}")
         if shape:
-            parts.append(f"shape mismatch {', '.join(shape[:4])}")
+            parts.append(f"shape mismatch {', '.join(shape[:3])}"
+                         f"{f' and {len(shape) - 3} more' if len(shape) > 3 else ''}")
         raise CheckpointError(f"checkpoint {source} does not match the model ({'; '.join(parts)}):"
-                              " pass the --model/--num-classes (and policy) it was trained with")
+                              f" {fix}")
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
 
 

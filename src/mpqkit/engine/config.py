@@ -32,7 +32,9 @@ class RunConfig:
     model: str = "resnet20"
     num_classes: int | None = None  # default: the dataset's
     input_size: int | None = None  # default: the dataset's native size
-    weights: str | None = None  # FP weights; "bundled" = the checkpoint shipped with mpqkit
+    weights: str | None = None  # FP weights: a file, "bundled", or "torchvision[:NAME]"
+    weights_map: str | None = None  # key prefix renames of the weights, "OLD=NEW[,OLD=NEW]"
+    new_head: bool = False  # leave the classifier at random init (another class count)
     policy: str | None = None  # policy.json path, or a uniform spec "w4a4" (finetune only)
     first_last: str = "8bit"  # for uniform specs: 8bit | fp
     epochs: int = 1

@@ -45,7 +45,8 @@ from mpqkit.engine.distributed import (
     resolve_device,
     world_info,
 )
-from mpqkit.errors import ConfigError
+from mpqkit.engine.numerics import describe_state
+from mpqkit.errors import ConfigError, NonFiniteError
 from mpqkit.optim.factory import StepSchedule
 
 log = logging.getLogger("mpqkit")
@@ -53,6 +54,7 @@ C = TypeVar("C")
 # config fields a resumed run takes from the resuming call: where things are and how they are
 # read or saved, never what is computed
 RESUME_FREE = ("save_every_min", "data.data_dir", "data.cache_dir", "data.workers")
+KEPT = "nothing of this step was saved; the last checkpoint on disk is the last good one"
 
 
 class _StdoutHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -284,7 +286,7 @@ class Task(Protocol):
     model: nn.Module  # what the checkpoints hold
     optimizer: OptimizerState  # its state goes into ``last``
     schedule: StepSchedule
-    nonfinite_hint: str  # the fix named when the loss becomes non-finite
+    nonfinite_hint: str  # the fix named when the loss, a gradient or a weight becomes non-finite
 
     def batches(self, epoch: int, start: int) -> Iterable[tuple[Tensor, Tensor]]: ...
 
@@ -319,12 +321,24 @@ def resume(run: Run, task: Task) -> LoopState:
     return state
 
 
-def _finite_everywhere(run: Run, loss: Tensor) -> bool:
-    """Whether the loss is finite on every rank (all ranks stop together, none hangs)."""
-    bad = 0.0 if bool(torch.isfinite(loss)) else 1.0
+def _check_step(run: Run, task: Task, loss: Tensor, where: str) -> None:
+    """Stop (on every rank together, none hangs) when the loss or the model became non-finite.
+
+    Runs after the optimizer step and before anything is saved, so the last checkpoint on disk
+    is the last good one; the model's parameters and float buffers (BatchNorm statistics) are
+    checked as well as the loss: a quantizer's clamp can keep the loss finite over an infinity.
+    """
+    bad_loss = not bool(torch.isfinite(loss))
+    state = describe_state(task.model)
+    flags = [float(bad_loss), float(state is not None)]
     if run.world.enabled:
-        bad = all_reduce_sum([bad], run.device)[0]
-    return bad == 0.0
+        flags = all_reduce_sum(flags, run.device)
+    if not any(flags):
+        return
+    what = (f"the {task.name} loss became {loss.item()}" if bad_loss
+            else f"the {task.name} run diverged")
+    detail = f" ({state})" if state else ""
+    raise NonFiniteError(f"{what} {where}{detail}: {task.nonfinite_hint}; {KEPT}")
 
 
 def _save_last(run: Run, task: Task, state: LoopState,
@@ -371,10 +385,12 @@ def fit(run: Run, task: Task, state: LoopState, *, epochs: int, steps_per_epoch:
         t0, seen = time.time(), 0
         for x, y in itertools.islice(task.batches(epoch, skip), steps_per_epoch - skip):
             f = task.schedule.set_step(epoch * steps_per_epoch + state.step)
-            out = task.step(x, y)
-            if not _finite_everywhere(run, out.loss):
-                raise ConfigError(f"the {task.name} loss became {out.loss.item()} at epoch "
-                                  f"{epoch + 1} step {state.step}: {task.nonfinite_hint}")
+            where = f"at epoch {epoch + 1} step {state.step}"
+            try:
+                out = task.step(x, y)
+            except NonFiniteError as exc:
+                raise NonFiniteError(f"{task.name} {where}: {exc}; {KEPT}") from None
+            _check_step(run, task, out.loss, where)
             state.add(out, y)
             state.step += 1
             seen += int(y.numel())

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import sys
 import time
 from collections.abc import Iterator, Mapping
@@ -28,14 +29,14 @@ from mpqkit.data import DataBundle, DataConfig, build_data, make_loader
 from mpqkit.engine.checkpoint import (
     check_classes,
     load_checkpoint_model,
-    load_model_state,
-    read_checkpoint,
 )
 from mpqkit.engine.config import RunConfig, from_dict, to_dict
 from mpqkit.engine.distributed import all_reduce_sum, barrier, resolve_device
+from mpqkit.engine.numerics import check_gradients, describe_state
 from mpqkit.engine.run import EpochStats, LoopState, Run, RunFiles, StepOut, fit, log, resume
-from mpqkit.errors import ConfigError
-from mpqkit.models import build_model, bundled_weights
+from mpqkit.engine.weights import load_weights
+from mpqkit.errors import ConfigError, NonFiniteError
+from mpqkit.models import build_model
 from mpqkit.optim.factory import StepSchedule, create_optimizer, param_groups
 from mpqkit.policy import Policy, parse_uniform
 from mpqkit.quant import calibrate, quantize_model
@@ -69,29 +70,6 @@ class RunResult:
         if self.policy is not None:
             s += f"; {self.policy.describe()}"
         return s
-
-
-def resolve_weights(weights: str | None, model: str, dataset: str) -> Path | None:
-    """The FP weights to start from: a path, ``bundled`` (by model and dataset), or None."""
-    if weights in (None, "", "none"):
-        return None
-    if weights == "bundled":
-        p = bundled_weights(model, dataset)
-        if p is None:
-            raise ConfigError(f"no bundled weights for {model} on {dataset}: train them with "
-                              "`mpqkit train` and pass --weights RUN_DIR/best.safetensors")
-        return p
-    return Path(weights)
-
-
-def load_weights(model: nn.Module, weights: str | None, model_name: str, dataset: str) -> str:
-    """Load the FP weights ``weights`` names into ``model``; returns ``random`` or ``fp:PATH``."""
-    path = resolve_weights(weights, model_name, dataset)
-    if path is None:
-        return "random"
-    tensors, _ = read_checkpoint(path)
-    load_model_state(model, tensors, str(path))
-    return f"fp:{path}"
 
 
 def resolve_policy(spec: str | None, model: nn.Module, input_size: int, model_name: str,
@@ -136,6 +114,10 @@ def evaluate_model(model: nn.Module, loader: Any, device: torch.device, amp: boo
         n += y.numel()
     model.train(was)
     loss_sum, correct, correct5, n = all_reduce_sum([loss_sum, correct, correct5, n], device)
+    if not math.isfinite(loss_sum):
+        raise NonFiniteError(f"the {desc} loss is {loss_sum}: the model's outputs are not finite"
+                             f"{' (' + state + ')' if (state := describe_state(model)) else ''}"
+                             ": evaluate a checkpoint written before the run diverged")
     n = max(n, 1)
     return {"loss": loss_sum / n, "top1": 100 * correct / n, "top5": 100 * correct5 / n,
             "n": int(n)}
@@ -193,11 +175,20 @@ class _TrainTask:
                 loss = (1 - cfg.kd_alpha) * loss + cfg.kd_alpha * kd
         return loss, out
 
+    def _check_gradients(self, x: Tensor, y: Tensor) -> None:
+        """Stop before the optimizer step when a gradient is NaN/inf, naming where it started."""
+        def again() -> Tensor:  # the plain model: no DDP collective in the diagnosis
+            with autocast(self.run.device, self.cfg.amp):
+                return F.cross_entropy(self.model(x).float(), y)
+
+        check_gradients(self.model, self.nonfinite_hint, again)
+
     def step(self, x: Tensor, y: Tensor) -> StepOut:
         if self.sharp is None:
             loss, out = self._loss(x, y)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            self._check_gradients(x, y)
             self.optimizer.step()
             return StepOut(loss, out)
         first: list[Tensor] = []
@@ -206,6 +197,8 @@ class _TrainTask:
             self.optimizer.zero_grad(set_to_none=True)
             loss, out = self._loss(x, y)
             loss.backward()
+            if not first:
+                self._check_gradients(x, y)
             first.append(out)
             return loss
 
@@ -251,7 +244,8 @@ def _build(cfg: RunConfig, data: DataBundle, quantized: bool, device: torch.devi
     input_size = cfg.input_size or data.input_size
     model = build_model(cfg.model, num_classes=cfg.num_classes or data.num_classes)
     if not cfg.resume:
-        init = load_weights(model, cfg.weights, cfg.model, data.name)
+        init = load_weights(model, cfg.weights, cfg.model, data.name,
+                            weights_map=cfg.weights_map, new_head=cfg.new_head)
         if quantized and init == "random":
             raise ConfigError("finetune starts from full-precision weights: pass --weights "
                               "RUN_DIR/best.safetensors (from mpqkit train) or --weights bundled")
