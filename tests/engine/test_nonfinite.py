@@ -37,6 +37,22 @@ class Poisoned(nn.Module):
         return _Poison.apply(x)
 
 
+class Boom(nn.Module):
+    """Finite but huge activations from the 3rd training forward on: a diverged layer."""
+
+    def forward(self, x):
+        if self.training:
+            STATE["calls"] += 1
+        return x * 1e25 if self.training and STATE["calls"] >= STATE["at"] else x
+
+
+def overflowing(num_classes=10):
+    # BatchNorm's variance of 1e25-sized values overflows to inf; its output, (x - mean) / inf,
+    # stays finite, and so does the loss: only the running statistics show the divergence
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), Boom(), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes))
+
+
 def tiny(num_classes=10):
     return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
                          Poisoned(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
@@ -45,7 +61,7 @@ def tiny(num_classes=10):
 
 
 def _cfg(folder, out, model, **kw):
-    cfg = RunConfig(model=model, epochs=2, out=str(out), save_every_min=0.0, **kw)
+    cfg = RunConfig(model=model, out=str(out), save_every_min=0.0, **{"epochs": 2, **kw})
     cfg.data = DataConfig(name=f"imagefolder:{folder}", batch_size=8, eval_batch_size=16,
                           input_size=32)
     cfg.optim.lr = 0.01
@@ -74,6 +90,20 @@ def test_nonfinite_gradient_stops_the_run_naming_the_layer(tiny_folder, tmp_path
     assert meta["epoch"] == 1 and meta["extra_state"]["step"] == 0
     assert all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point())
     assert json.loads((run_dir / "best.json").read_text())["epoch"] == 1
+
+
+def test_a_weight_that_overflows_under_a_finite_loss_stops_the_run(tiny_folder, tmp_path,
+                                                                  monkeypatch):
+    (tmp_path / "overflow_models.py").write_text(POISON)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("overflow_models", None)
+    import overflow_models
+
+    overflow_models.STATE.update(calls=0, at=3)
+    with pytest.raises(NonFiniteError, match=r"overflowing run diverged at epoch 1 step 2 \(1 "
+                                             r"tensor.*first in layer 2 \(2.running_var\)"):
+        train(_cfg(tiny_folder, tmp_path / "run", "overflow_models:overflowing", epochs=1))
+    assert not (tmp_path / "run" / "last.safetensors").exists()
 
 
 def test_save_refuses_nonfinite_tensors(tmp_path):

@@ -70,10 +70,12 @@ def forward_origin(model: nn.Module, run: Callable[[], Tensor]) -> tuple[str | N
             if found or not isinstance(output, Tensor) or not output.is_floating_point():
                 return
             if not bool(torch.isfinite(output).all()):
-                ins = [t for t in inputs if isinstance(t, Tensor) and t.is_floating_point()]
+                ins = [t.detach() for t in inputs
+                       if isinstance(t, Tensor) and t.is_floating_point() and t.numel()]
                 if all(bool(torch.isfinite(t).all()) for t in ins):
-                    found.append(f"{name} ({type(mod).__name__}) turned finite inputs into "
-                                 f"{_kind(output)}")
+                    peak = max((float(t.abs().max()) for t in ins), default=0.0)
+                    found.append(f"{name} ({type(mod).__name__}) turned finite inputs "
+                                 f"(max-abs {peak:.3g}) into {_kind(output)}")
         return fn
 
     handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]
@@ -87,30 +89,37 @@ def forward_origin(model: nn.Module, run: Callable[[], Tensor]) -> tuple[str | N
     return (found[0] if found else None), order
 
 
-def describe_gradients(model: nn.Module, run: Callable[[], Tensor] | None = None) -> str:
+def describe_gradients(model: nn.Module, run: Callable[[], Tensor] | None = None,
+                       loss: Tensor | None = None) -> str:
     """Where the non-finite gradients of ``model`` start, in one line (see module docstring)."""
     bad = nonfinite_names((n, p.grad) for n, p in model.named_parameters()
                           if p.grad is not None)
     origin, order = forward_origin(model, run) if run is not None else (None, [])
     rank = {n: i for i, n in enumerate(dict.fromkeys(order))}
     last = max(bad, key=lambda n: rank.get(_module_of(n), -1)) if bad else None
-    text = (f"non-finite gradients in {len(bad)} parameter(s), starting at layer "
-            f"{_module_of(last)} ({last})" if last else "non-finite gradients")
+    if loss is not None and not bool(torch.isfinite(loss)):
+        text = f"the loss became {loss.item()}"  # every gradient follows; where it began counts
+    elif last:
+        text = (f"non-finite gradients in {len(bad)} parameter(s), starting at layer "
+                f"{_module_of(last)} ({last})")
+    else:
+        text = "non-finite gradients"
     if origin:
         text += f"; in the forward pass {origin}"
     return text
 
 
-def check_gradients(model: nn.Module, hint: str, run: Callable[[], Tensor] | None = None) -> None:
-    """Raise :class:`NonFiniteError` if a gradient of ``model`` is NaN or infinite.
+def check_gradients(model: nn.Module, hint: str, run: Callable[[], Tensor] | None = None,
+                    loss: Tensor | None = None) -> None:
+    """Raise :class:`NonFiniteError` if ``loss`` or a gradient of ``model`` is NaN or infinite.
 
     ``run`` recomputes the step's loss on the same batch (for the diagnosis only; the gradients
     are recomputed too, nothing else changes but BatchNorm running statistics).
     """
     grads = [(n, p.grad) for n, p in model.named_parameters() if p.grad is not None]
-    if first_nonfinite(grads) is None:
+    if first_nonfinite(grads) is None and (loss is None or bool(torch.isfinite(loss))):
         return
-    raise NonFiniteError(f"{describe_gradients(model, run)}: {hint}")
+    raise NonFiniteError(f"{describe_gradients(model, run, loss)}: {hint}")
 
 
 def describe_state(model: nn.Module) -> str | None:

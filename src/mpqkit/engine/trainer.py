@@ -175,20 +175,22 @@ class _TrainTask:
                 loss = (1 - cfg.kd_alpha) * loss + cfg.kd_alpha * kd
         return loss, out
 
-    def _check_gradients(self, x: Tensor, y: Tensor) -> None:
-        """Stop before the optimizer step when a gradient is NaN/inf, naming where it started."""
+    def _check_gradients(self, x: Tensor, y: Tensor, loss: Tensor) -> None:
+        """Stop before the optimizer step when the loss or a gradient is NaN/inf, naming where
+        it started (gradients are summed over ranks: every rank stops here together)."""
         def again() -> Tensor:  # the plain model: no DDP collective in the diagnosis
             with autocast(self.run.device, self.cfg.amp):
                 return F.cross_entropy(self.model(x).float(), y)
 
-        check_gradients(self.model, self.nonfinite_hint, again)
+        check_gradients(self.model, self.nonfinite_hint, again,
+                        None if self.run.world.enabled else loss)
 
     def step(self, x: Tensor, y: Tensor) -> StepOut:
         if self.sharp is None:
             loss, out = self._loss(x, y)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            self._check_gradients(x, y)
+            self._check_gradients(x, y, loss)
             self.optimizer.step()
             return StepOut(loss, out)
         first: list[Tensor] = []
@@ -198,7 +200,7 @@ class _TrainTask:
             loss, out = self._loss(x, y)
             loss.backward()
             if not first:
-                self._check_gradients(x, y)
+                self._check_gradients(x, y, loss)
             first.append(out)
             return loss
 

@@ -22,9 +22,10 @@ import math
 import torch
 from torch import Tensor, nn
 
-from mpqkit.errors import ConfigError
+from mpqkit.errors import ConfigError, NonFiniteError
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8, 32)
+MIN_RANGE = 1e-8  # the smallest range (max-abs) a quantizer is calibrated to
 FULL_PRECISION = 32
 
 WEIGHT_METHODS = ("lsq", "maxabs", "dorefa")
@@ -56,31 +57,49 @@ def round_ste(x: Tensor) -> Tensor:
     return (x.round() - x).detach() + x
 
 
+def keep_nonfinite(q: Tensor, x: Tensor) -> Tensor:
+    """``q`` where ``x`` is finite, ``x`` (NaN/inf) elsewhere.
+
+    The clamp of a quantizer would turn an infinite input into a finite ``qmax * scale``: the
+    loss would stay finite over a diverged layer (and its BatchNorm statistics), and the inf
+    would come back as NaN in the backward pass. Passing it on makes the divergence visible at
+    the layer where it happened.
+    """
+    return torch.where(torch.isfinite(x), q, x)
+
+
 class _LSQFunction(torch.autograd.Function):
-    """Fused LSQ fake quantization (Esser et al. 2020): one pass forward, one pass backward."""
+    """Fused LSQ fake quantization (Esser et al. 2020): one pass forward, one pass backward.
+
+    Computed in float32 whatever the input's dtype (under autocast a half-precision ``x / s``
+    overflows for small steps, and the step's gradient is a sum over the whole tensor).
+    """
 
     @staticmethod
     def forward(ctx, x: Tensor, scale: Tensor, qmin: int, qmax: int, grad_scale: float,
                 reduce_dims: tuple[int, ...]) -> Tensor:
-        xs = x / scale
-        q = xs.round().clamp_(qmin, qmax)
+        xs = x.float() / scale.float()
+        q = keep_nonfinite(xs.round().clamp_(qmin, qmax), xs)
         ctx.save_for_backward(xs, q)
         ctx.qmin, ctx.qmax, ctx.grad_scale, ctx.reduce_dims = qmin, qmax, grad_scale, reduce_dims
-        ctx.scale_shape = scale.shape
-        return q * scale
+        ctx.scale_shape, ctx.scale_dtype, ctx.x_dtype = scale.shape, scale.dtype, x.dtype
+        return (q * scale.float()).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         xs, q = ctx.saved_tensors
+        grad = grad.float()
         inside = (xs >= ctx.qmin) & (xs <= ctx.qmax)
-        grad_x = grad * inside
+        # where, not a product: an infinite gradient outside the range must give 0, not NaN
+        grad_x = torch.where(inside, grad, 0.0).to(ctx.x_dtype)
         # d(x_q)/ds = q - x/s inside the range, q (= qmin or qmax) outside.
         ds = torch.where(inside, q - xs, q) * grad
         if ctx.reduce_dims:
             grad_s = ds.sum(dim=ctx.reduce_dims, keepdim=True)
         else:
             grad_s = ds.sum()
-        return grad_x, grad_s.reshape(ctx.scale_shape) * ctx.grad_scale, None, None, None, None
+        grad_s = (grad_s.reshape(ctx.scale_shape) * ctx.grad_scale).to(ctx.scale_dtype)
+        return grad_x, grad_s, None, None, None, None
 
 
 class Quantizer(nn.Module):
@@ -197,7 +216,11 @@ def _mse_scale(x: Tensor, qmin: int, qmax: int, reduce_dims: tuple[int, ...],
         amax = x.abs().amax(dim=reduce_dims, keepdim=True)
     else:
         amax = x.abs().max().reshape(shape)
-    amax = amax.clamp_min(1e-8)
+    if not bool(torch.isfinite(amax).all()):
+        raise NonFiniteError(f"a quantizer was calibrated on a tensor holding NaN or inf "
+                             f"(max-abs {amax.max().item()}): the model's outputs are not finite "
+                             "before quantization; check the weights it starts from")
+    amax = amax.clamp_min(MIN_RANGE)
     best_err = None
     best = amax / qmax
     for i in range(steps):
@@ -230,7 +253,10 @@ class LSQQuantizer(Quantizer):
         self.scale.data.copy_(s.reshape(-1).to(self.scale.dtype))
 
     def _scale(self, x: Tensor) -> Tensor:
-        return self.scale.abs().clamp_min(1e-8).reshape(self._shape(x)).to(x.dtype)
+        return self._scale32(x).to(x.dtype)
+
+    def _scale32(self, x: Tensor) -> Tensor:
+        return self.scale.abs().clamp_min(MIN_RANGE).reshape(self._shape(x))
 
     def _quantize(self, x: Tensor) -> Tensor:
         qmin, qmax = self.int_range()
@@ -238,12 +264,12 @@ class LSQQuantizer(Quantizer):
         if not self.per_channel and self.channel_dim == 1:  # activation: features per sample
             n = max(1, x[0].numel())
         grad_scale = 1.0 / math.sqrt(max(1, n) * max(1, qmax))
-        return _LSQFunction.apply(x, self._scale(x), qmin, qmax, grad_scale,
+        return _LSQFunction.apply(x, self._scale32(x), qmin, qmax, grad_scale,
                                   self._reduce_dims(x))
 
     def qparams(self, x: Tensor | None = None) -> tuple[Tensor, int, int]:
         qmin, qmax = self.int_range()
-        s = self.scale.detach().abs().clamp_min(1e-8)
+        s = self.scale.detach().abs().clamp_min(MIN_RANGE)
         return (s.reshape(self._shape(x)) if x is not None else s.reshape(-1)), qmin, qmax
 
 
@@ -269,7 +295,7 @@ class PACTQuantizer(Quantizer):
         y = torch.minimum(x, alpha)
         y = torch.maximum(y, -alpha) if qmin < 0 else torch.clamp(y, min=0)
         scale = alpha / max(qmax, -qmin)
-        return round_ste(y / scale).clamp(qmin, qmax) * scale
+        return keep_nonfinite(round_ste(y / scale).clamp(qmin, qmax) * scale, x)
 
     def qparams(self, x: Tensor | None = None) -> tuple[Tensor, int, int]:
         qmin, qmax = self.int_range()
