@@ -25,7 +25,10 @@ def _format_export(summary: dict[str, Any]) -> str:
         kind = "float" if summary["fp"] else "QDQ"
         return (f"wrote {summary['path']}: {kind} ONNX opset {summary['opset']}, "
                 f"{summary['bytes']} bytes, {len(layers)} Conv/Linear layers"
-                + (f", integer types {', '.join(types)}" if types else ""))
+                + (f", integer types {', '.join(types)}" if types else "")
+                + (f"; BatchNorm folded at export into {len(summary['folded_at_export'])} layers"
+                   " trained unfolded (weight scales rescaled per channel; --verify reports the "
+                   "change)" if summary.get("folded_at_export") else ""))
     return (f"wrote {summary['path']}: {summary['file_bytes']} bytes; quantized weights "
             f"{summary['weight_bytes']} bytes = x{summary['weight_vs_policy']:.4f} the policy "
             f"size ({summary['policy_size_bytes']:.0f} bytes); overhead "
@@ -40,7 +43,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     ckpt = require(args.checkpoint, "--checkpoint", "pass RUN_DIR/best.safetensors")
     out = Path(args.out) if args.out else _default_out(ckpt, args.format, args.fp)
     summary, model, meta = export_checkpoint(ckpt, out, format=args.format, opset=args.opset,
-                                             fp=args.fp, int_types=args.int_types)
+                                             fp=args.fp, int_types=args.int_types,
+                                             fold_bn=args.fold_bn)
     result: dict[str, Any] = {"export": summary}
     if not args.json:
         print(_format_export(summary))
@@ -81,10 +85,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fp", action="store_true",
                    help="export the float model (quantizers dropped), e.g. for latency "
                         "comparison or a full-precision checkpoint")
-    p.add_argument("--int-types", choices=INT_TYPES, default="auto",
-                   help="weights: auto = INT4 (opset>=21) / INT2 (opset>=25) where they fit, "
-                        "else int8; native = fail instead of falling back to int8; int8 = int8 "
-                        "only. Activations are always uint8/int8 + Clip")
+    p.add_argument("--int-types", choices=INT_TYPES, default="int8",
+                   help="weights: int8 (default) = int8 containers, the form onnxruntime runs "
+                        "on integer kernels (it has none for INT4 Conv weights); auto = INT4 "
+                        "(opset>=21) / INT2 (opset>=25) where they fit, else int8: smaller "
+                        "files, slower; native = as auto but fail instead of falling back to "
+                        "int8. Activations are always uint8/int8 + Clip")
+    p.add_argument("--fold-bn", action=argparse.BooleanOptionalAction, default=True,
+                   help="fold each BatchNorm after a quantized convolution into it (default), "
+                        "also for checkpoints fine-tuned without --fold-bn (their weight scales "
+                        "rescaled per channel)")
     p.add_argument("--verify", action="store_true",
                    help="run the export next to the PyTorch model on the test set; fail if "
                         "top-1 differs by more than --tolerance points")

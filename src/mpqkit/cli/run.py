@@ -51,6 +51,10 @@ def add_run_args(p: argparse.ArgumentParser, quantized: bool) -> None:
         q.add_argument("--first-last", dest="first_last", choices=["8bit", "fp"],
                        help="first conv / last linear of a uniform policy: 8/8 (default) or FP")
         add_quant_args(q)
+        q.add_argument("--fold-bn", dest="quant.fold_bn", action=argparse.BooleanOptionalAction,
+                       default=None, help="train with each BatchNorm folded into the "
+                       "convolution before it, the form export writes (default on for finetune;"
+                       " the library's QuantConfig and older checkpoints: off)")
         q.add_argument("--calib-batches", dest="calib_batches", type=int, metavar="N")
         q.add_argument("--kd-alpha", dest="kd_alpha", type=float,
                        help="weight of distillation from the FP model (0 = off)")
@@ -60,11 +64,26 @@ def add_run_args(p: argparse.ArgumentParser, quantized: bool) -> None:
 def _run(args: argparse.Namespace, quantized: bool) -> int:
     from mpqkit.engine import RunConfig, finetune, load_run_config, train
 
-    cfg = load_run_config(RunConfig, args.config, overrides(args))
+    over = overrides(args)
+    if quantized:
+        over = _fold_by_default(args.config, over)
+    cfg = load_run_config(RunConfig, args.config, over)
     result = (finetune if quantized else train)(cfg)
     print(f"result: {result.summary()}")
     print(f"run folder: {result.run_dir}")
     return 0
+
+
+def _fold_by_default(config: str | None, over: dict[str, Any]) -> dict[str, Any]:
+    """``mpqkit finetune`` is export-bound: BatchNorm folded unless the flag, the YAML or the
+    resumed run's config says otherwise."""
+    from mpqkit.engine.config import read_yaml
+
+    if "quant.fold_bn" in over or over.get("resume"):
+        return over
+    if config and "fold_bn" in (read_yaml(config).get("quant") or {}):
+        return over
+    return {**over, "quant.fold_bn": True}
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -3,8 +3,8 @@ inspection of exported files and verification in onnxruntime.
 
 Public API (imported lazily, so ``import mpqkit.export`` does not load onnx)::
 
-    export_onnx(model, path, input_size=32, opset=21, fp=False, int_types="auto", meta=None)
-    export_checkpoint(checkpoint, out, format="onnx", opset=21, fp=False, int_types="auto")
+    export_onnx(model, path, input_size=32, opset=21, fp=False, int_types="int8", meta=None)
+    export_checkpoint(checkpoint, out, format="onnx", opset=21, fp=False, int_types="int8")
     save_packed(model, path, meta) / load_packed(path) / read_packed(path) / packed_report(path)
     inspect_file(path) -> dict / format_inspection(report) -> str
     verify_onnx(model, onnx_path, loader) -> dict / verify_packed(model, packed_path, loader)
@@ -24,7 +24,7 @@ from mpqkit.errors import MpqkitError
 #: Default ONNX opset of exports: the first with INT4/UINT4 QuantizeLinear/DequantizeLinear.
 DEFAULT_OPSET = 21
 #: ``int_types`` choices of the ONNX export (see :mod:`mpqkit.export.onnx_export`).
-INT_TYPES = ("auto", "native", "int8")
+INT_TYPES = ("int8", "auto", "native")
 
 
 class ExportError(MpqkitError):

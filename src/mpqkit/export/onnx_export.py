@@ -17,16 +17,29 @@ Graph conventions (a quantized layer ``L`` = ``QConv2d``/``QLinear``):
   per-channel). Values are the quantizer's integers ``[-(2^(b-1)-1), 2^(b-1)-1]``.
 * the float op (Conv / Gemm / MatMul) on the dequantized tensors; bias stays float.
 * full-precision layers (32 bits) are plain float ops with float initializers.
+* BatchNorm (``fold_bn``, default): folded into the convolution before it (the deployment form
+  of :mod:`mpqkit.export.deploy`), so a layer is ``DequantizeLinear -> Conv(bias) -> [Relu] ->
+  QuantizeLinear``, which onnxruntime runs as ``QLinearConv``; a folded convolution trained with
+  an output quantizer (``oq``, :mod:`mpqkit.quant.fold`) ends in its own
+  ``QuantizeLinear/DequantizeLinear`` (``out_type``, ``out_range`` in the layer summary).
 
 Integer types (``int_types``), checked with onnxruntime 1.31 on CPU:
 
-* ``"auto"`` (default): weights in ONNX's own narrow types where the opset has them: <= 4 bits
+* ``"int8"`` (default): int8 weights only, the b-bit range in an int8 container. The form that
+  runs fast: onnxruntime 1.32's CPU provider fuses ``DequantizeLinear(int8/uint8) -> Conv ->
+  QuantizeLinear`` into ``QLinearConv`` but has no integer Conv kernel for INT4 weights, which it
+  dequantizes on every run (ResNet-20 w4a4, BatchNorm folded, 1 thread: INT4 weights 1.8-2.1x
+  the float model's latency, int8 containers 0.47-0.57x; ``benchmarks/bench_export.py``).
+  Also the most widely runnable form (opset >= 13).
+* ``"auto"``: weights in ONNX's own narrow types where the opset has them: <= 4 bits
   as INT4 (opset >= 21; onnxruntime runs INT4 DequantizeLinear per tensor and per axis), 2 bits
   as INT2 (opset >= 25); other widths, and everything below opset 21, in an int8 container
   holding only the b-bit range (the stored values are in range; nothing else is needed).
+  The smallest files; slow in onnxruntime (above). With BatchNorm folded, onnxruntime 1.32
+  fuses an INT2 weight into ``QLinearConv`` and then refuses to load the graph (``tensor(int2)``
+  is not a valid QLinearConv input): INT2 needs ``fold_bn=False`` there.
 * ``"native"``: as auto, but a weight of <= 4 bits with an opset below 21 is an error instead
   of a fallback to int8.
-* ``"int8"``: int8 weights only: the most widely runnable form (opset >= 13).
 
 Activations always use a uint8 (unsigned) or int8 (signed) container, with an integer ``Clip``
 to the b-bit range below 8 bits (onnxruntime runs Clip on int8/uint8). UINT4/INT4 activations
@@ -68,9 +81,10 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from mpqkit.errors import CheckpointError, MpqkitError
+from mpqkit.errors import CheckpointError, ConfigError, MpqkitError
 from mpqkit.export import DEFAULT_OPSET, INT_TYPES, ExportError
 from mpqkit.export.packed import check_calibrated, pack_bits, weight_integers
+from mpqkit.quant.fold import QConvBn2d
 from mpqkit.quant.layers import QuantMixin, quantizable_layers
 from mpqkit.quant.quantizers import FULL_PRECISION, Quantizer
 from mpqkit.runio import atomic_write
@@ -481,7 +495,7 @@ class _Converter:
                                     pack_bits(values, t.bits), raw=True)
         return self.init(base, tensor)
 
-    def act_qdq(self, lname: str, aq: Quantizer, x: str) -> str:
+    def act_qdq(self, lname: str, aq: Quantizer, x: str, role: str = "input") -> str:
         try:
             scale, qmin, qmax = aq.qparams(None)
         except (ValueError, NotImplementedError, TypeError):
@@ -490,17 +504,18 @@ class _Converter:
         if scale.numel() != 1:
             raise _Unsupported("a per-channel activation scale")
         t, clip = self.act_type(aq.bits, qmin, qmax)
-        s = self.init(f"{lname}.input_scale", np.array(scale.detach().float().reshape(()).item(),
-                                                        dtype=np.float32))
-        zp = self.int_init(f"{lname}.input_zero_point", np.zeros((), np.int64), t)
-        q = self.op("QuantizeLinear", [x, s, zp], name=f"{lname}/input_quant")
+        s = self.init(f"{lname}.{role}_scale", np.array(scale.detach().float().reshape(()).item(),
+                                                         dtype=np.float32))
+        zp = self.int_init(f"{lname}.{role}_zero_point", np.zeros((), np.int64), t)
+        q = self.op("QuantizeLinear", [x, s, zp], name=f"{lname}/{role}_quant")
         if clip:
-            lo = self.int_init(f"{lname}.input_min", np.array(qmin), t)
-            hi = self.int_init(f"{lname}.input_max", np.array(qmax), t)
-            q = self.op("Clip", [q, lo, hi], name=f"{lname}/input_clip")
-        self.layer_info["a_type"] = t.name
-        self.layer_info["a_range"] = [qmin, qmax]
-        return self.op("DequantizeLinear", [q, s, zp], name=f"{lname}/input_dequant")
+            lo = self.int_init(f"{lname}.{role}_min", np.array(qmin), t)
+            hi = self.int_init(f"{lname}.{role}_max", np.array(qmax), t)
+            q = self.op("Clip", [q, lo, hi], name=f"{lname}/{role}_clip")
+        key = "a" if role == "input" else "out"
+        self.layer_info[f"{key}_type"] = t.name
+        self.layer_info[f"{key}_range"] = [qmin, qmax]
+        return self.op("DequantizeLinear", [q, s, zp], name=f"{lname}/{role}_dequant")
 
     def weight_dq(self, lname: str, mod: QuantMixin) -> str:
         try:
@@ -532,7 +547,11 @@ class _Converter:
         else:
             w = self.init(f"{lname}.weight", _np(mod.weight))
         self.layers.append(self.layer_info)
-        return self.float_layer(lname, mod, node, x, w)
+        y = self.float_layer(lname, mod, node, x, w)
+        oq = getattr(mod, "oq", None)  # the output quantizer of a folded convolution
+        if not self.fp and isinstance(oq, Quantizer) and oq.enabled:
+            y = self.act_qdq(lname, oq, y, role="output")
+        return y
 
     def float_layer(self, lname: str, mod: nn.Module, node: fx.Node, x: str, w: str) -> str:
         b = self.init(f"{lname}.bias", _np(mod.bias)) if mod.bias is not None else None
@@ -1016,17 +1035,21 @@ def _policy_json(model: nn.Module, meta: Mapping[str, Any] | None,
 
 def export_onnx(model: nn.Module, path: str | Path, *, input_size: int | Sequence[int] = 32,
                 in_channels: int = 3, opset: int = DEFAULT_OPSET, fp: bool = False,
-                int_types: str = "auto", meta: Mapping[str, Any] | None = None
-                ) -> dict[str, Any]:
+                int_types: str = "int8", meta: Mapping[str, Any] | None = None,
+                fold_bn: bool = True) -> dict[str, Any]:
     """Write ``model`` as ONNX: QDQ around every quantized layer, or all float with ``fp``.
 
     ``meta`` (checkpoint metadata, optional) supplies the policy and the model description
     written into ``metadata_props``; without it the policy is derived from the model's bits.
     Returns a summary: path, opset, bytes and one entry per exported Conv/Linear layer with its
     bits and the ONNX types used. Raises :class:`ExportError` with a one-line message when the
-    model, the opset or an op cannot be exported.
+    model, the opset or an op cannot be exported. ``fold_bn`` (default): write the deployment
+    form of :func:`~mpqkit.export.deploy.deployment_model`, every BatchNorm after a quantized
+    convolution folded into it (``folded_at_export`` in the summary names the layers trained
+    unfolded); without it, BatchNorms trained unfolded stay BatchNormalization nodes.
     """
     from mpqkit import __version__
+    from mpqkit.export.deploy import deployment_model
 
     check_opset(opset)
     if int_types not in INT_TYPES:
@@ -1038,6 +1061,12 @@ def export_onnx(model: nn.Module, path: str | Path, *, input_size: int | Sequenc
         from mpqkit.quant import dequantize_model
 
         model = dequantize_model(model)  # a copy: tracing never touches the quantizers
+    at_export: list[str] = []
+    if not fp and (fold_bn or any(isinstance(m, QConvBn2d) for m in model.modules())):
+        try:
+            model, at_export = deployment_model(model)  # a copy in eval mode
+        except ConfigError as exc:
+            raise ExportError(str(exc)) from None
     was_training = model.training
     device = next(iter(model.parameters()), torch.zeros(())).device
     model.eval().cpu()
@@ -1068,13 +1097,14 @@ def export_onnx(model: nn.Module, path: str | Path, *, input_size: int | Sequenc
                           "this is an mpqkit bug; please report it with the model") from None
     path = atomic_write(path, lambda p: onnx.save_model(proto, str(p)))
     return {"path": str(path), "format": "onnx", "opset": opset, "fp": fp,
-            "int_types": int_types, "bytes": path.stat().st_size, "layers": conv.layers}
+            "int_types": int_types, "bytes": path.stat().st_size, "layers": conv.layers,
+            "folded_at_export": at_export}
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, *, format: str = "onnx",
                       opset: int = DEFAULT_OPSET, fp: bool = False,
-                      int_types: str = "auto") -> tuple[dict[str, Any], nn.Module,
-                                                        dict[str, Any]]:
+                      int_types: str = "int8", fold_bn: bool = True
+                      ) -> tuple[dict[str, Any], nn.Module, dict[str, Any]]:
     """Export a run's checkpoint (``RUN_DIR/best.safetensors``) as ONNX or a packed file.
 
     Returns ``(summary, model, meta)``: the export summary, and the PyTorch model and metadata
@@ -1105,5 +1135,5 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, format: str = 
         model = dequantize_model(model)
     size = meta.get("input_size") or (meta.get("policy") or {}).get("input_size") or 32
     summary = export_onnx(model, out, input_size=size if isinstance(size, int) else tuple(size),
-                          opset=opset, fp=fp, int_types=int_types, meta=meta)
+                          opset=opset, fp=fp, int_types=int_types, meta=meta, fold_bn=fold_bn)
     return summary, model, meta

@@ -126,12 +126,14 @@ def weight_integers(layer: QuantMixin) -> tuple[Tensor, Tensor, int, int]:
 
 def check_calibrated(name: str, layer: QuantMixin) -> None:
     """Raise a one-line error if a quantizer of ``layer`` has no range (not calibrated)."""
-    for what, q in (("weight", layer.wq), ("activation", layer.aq)):
+    oq = getattr(layer, "oq", None)  # a folded convolution's output quantizer
+    for what, q in (("weight", layer.wq), ("activation", layer.aq),
+                    *((("output", oq),) if isinstance(oq, Quantizer) else ())):
         if q.enabled and not isinstance(q, MaxAbsQuantizer) and not bool(q.initialized):
             raise ExportError(f"layer {name!r} has an uncalibrated {what} quantizer: calibrate "
                               "the model (mpqkit.quant.calibrate) or export a fine-tuned "
                               "checkpoint")
-        if what == "activation" and q.enabled and q.signed is None:
+        if what != "weight" and q.enabled and q.signed is None:
             raise ExportError(f"layer {name!r} has an activation quantizer whose sign is not "
                               "decided: calibrate the model first")
 
@@ -267,6 +269,11 @@ def save_packed(model: nn.Module, path: str | Path, meta: Mapping[str, Any]) -> 
     qlayers = {n: m for n, m in model.named_modules() if isinstance(m, QuantMixin)}
     if not qlayers:
         raise ExportError("the model has no quantized layer: pass a QAT checkpoint")
+    folded = [n for n, m in qlayers.items() if hasattr(m, "folded")]
+    if folded:
+        raise ExportError(f"layer {folded[0]!r} was trained with BatchNorm folded (fold_bn), "
+                          "which the packed format does not store yet: export --format onnx, "
+                          "or fine-tune with --no-fold-bn for a packed file")
     state = model.state_dict()
     section = _DataSection()
     try:

@@ -26,12 +26,17 @@ if TYPE_CHECKING:
 
 
 def make_session(onnx_path: str | Path, threads: int | None = None,
-                 config: Mapping[str, str] | None = None) -> Any:
+                 config: Mapping[str, str] | None = None,
+                 optimized_path: str | Path | None = None) -> Any:
     """An onnxruntime CPU session (all graph optimisations; ``threads`` intra-op threads;
-    ``config``: session config entries, e.g. ``{"session.disable_quant_qdq": "1"}``)."""
+    ``config``: session config entries, e.g. ``{"session.disable_quant_qdq": "1"}``;
+    ``optimized_path``: where onnxruntime writes the optimized graph, whose node types are the
+    kernels that run)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
+    if optimized_path is not None:
+        so.optimized_model_filepath = str(optimized_path)
     for key, value in (config or {}).items():
         so.add_session_config_entry(key, value)
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

@@ -10,8 +10,9 @@ import torch
 from torch import Tensor, nn
 
 from mpqkit.errors import PolicyError
+from mpqkit.quant.fold import find_fold_sites, fold_layer
 from mpqkit.quant.layers import QuantConfig, QuantMixin, qlayer_for, quantizable_layers
-from mpqkit.quant.quantizers import Quantizer
+from mpqkit.quant.quantizers import FULL_PRECISION, Quantizer
 
 if TYPE_CHECKING:  # policy imports the quantizers; only the type is needed here
     from mpqkit.policy import Policy
@@ -31,13 +32,21 @@ def quantize_model(model: nn.Module, policy: Policy, config: QuantConfig | None 
     missing and extra layer in the message). Parameters are shared with the float layers when
     ``inplace`` is true; otherwise the model is deep-copied first. Already quantized layers get
     new bits. Quantizer ranges are initialised from the first batch seen, or by :func:`calibrate`.
+    With ``config.fold_bn`` every ``Conv2d -> BatchNorm2d`` pair becomes one
+    :class:`~mpqkit.quant.fold.QConvBn2d` (found by tracing the forward).
     """
     policy.validate(model)
     config = config or QuantConfig()
     if not inplace:
         model = copy.deepcopy(model)
+    sites = find_fold_sites(model, {n for n, lp in policy.layers.items()
+                                    if lp.a_bits < FULL_PRECISION}) if config.fold_bn else {}
     for name, mod in list(quantizable_layers(model).items()):
         lp = policy.layers[name]
+        if name in sites:
+            fold = fold_layer(model, name, mod, sites[name], lp.w_bits, lp.a_bits, config)
+            _set_submodule(model, name, fold)
+            continue
         if isinstance(mod, QuantMixin):
             mod = mod.to_float()
         qcls = qlayer_for(mod)
@@ -84,12 +93,13 @@ def calibrate(model: nn.Module, batches: Iterable[Tensor | tuple[Tensor, ...]] |
         return model
     if isinstance(batches, Tensor):
         batches = [batches]
-    seen: dict[int, list[Tensor]] = {id(m): [] for m in qlayers}
+    outs = [m.oq for m in qlayers if isinstance(getattr(m, "oq", None), Quantizer)]
+    seen: dict[int, list[Tensor]] = {id(m): [] for m in [*qlayers, *outs]}
     hooks = [m.register_forward_pre_hook(
-        lambda mod, inp: seen[id(mod)].append(inp[0].detach())) for m in qlayers]
-    for m in qlayers:  # keep the quantizers out of the way while collecting
-        m.aq._ready = True
-        m.aq.initialized.fill_(1)
+        lambda mod, inp: seen[id(mod)].append(inp[0].detach())) for m in [*qlayers, *outs]]
+    for q in [*(m.aq for m in qlayers), *outs]:  # keep them out of the way while collecting
+        q._ready = True
+        q.initialized.fill_(1)
     was_training = model.training
     model.eval()
     try:
@@ -103,10 +113,11 @@ def calibrate(model: nn.Module, batches: Iterable[Tensor | tuple[Tensor, ...]] |
             h.remove()
         model.train(was_training)
     for m in qlayers:
-        m.wq.init_from(m.weight)
+        m.wq.init_from(m.weight_for_quant())
+    for m, q in [*((m, m.aq) for m in qlayers), *((q, q) for q in outs)]:
         if seen[id(m)]:
-            m.aq.init_from(torch.cat([t.flatten(1) for t in seen[id(m)]], 0))
+            q.init_from(torch.cat([t.flatten(1) for t in seen[id(m)]], 0))
         else:
-            m.aq.initialized.fill_(0)
-            m.aq._ready = False
+            q.initialized.fill_(0)
+            q._ready = False
     return model

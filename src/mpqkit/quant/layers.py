@@ -32,12 +32,18 @@ class QuantConfig:
     per_channel: per-output-channel weight scales instead of one per tensor.
     act_signed: ``None`` decides from the calibration batch (non-negative inputs, e.g. after a
         ReLU, are unsigned); ``True``/``False`` forces it.
+    fold_bn: train with each BatchNorm that follows a convolution folded into its weights
+        before weight quantization, the form export writes and onnxruntime runs on integer
+        kernels (:mod:`mpqkit.quant.fold`). Off in the library and in checkpoints written before
+        the option existed; ``mpqkit finetune`` turns it on unless ``--no-fold-bn`` or the YAML
+        says otherwise.
     """
 
     weight_method: str = "lsq"
     act_method: str = "lsq"
     per_channel: bool = False
     act_signed: bool | None = None
+    fold_bn: bool = False
 
     def __post_init__(self) -> None:
         if self.weight_method not in WEIGHT_METHODS:
@@ -91,6 +97,10 @@ class QuantMixin:
         out_ch = self.weight.shape[0]
         self.wq = make_weight_quantizer(config.weight_method, w_bits, out_ch, config.per_channel)
         self.aq = make_act_quantizer(config.act_method, a_bits, config.act_signed)
+
+    def weight_for_quant(self) -> Tensor:
+        """The float tensor the weight quantizer quantizes (the folded weight when folded)."""
+        return self.weight
 
     @property
     def w_bits(self) -> int:
