@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from benchenv import report_environment
 from mpqkit.data import DataConfig, build_data, make_loader
 from mpqkit.data.config import SPECS
 
@@ -64,6 +65,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     args = parser.parse_args(argv)
 
     results: dict[str, object] = {
+        "environment": report_environment(),
         "dataset": "cifar10",
         "source": str(Path(args.data_dir) / SPECS["cifar10"].archive),
         "batch_size": args.batch_size,

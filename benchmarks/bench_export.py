@@ -1,191 +1,180 @@
-"""Export benchmark: ONNX QDQ vs float ONNX latency in onnxruntime (CPU), packed size vs policy.
+"""Export benchmark: mpqkit's QDQ export vs onnxruntime's own ``quantize_static`` vs float.
 
-Exports a checkpoint (or, with none given, a freshly quantized ResNet-20 with a mixed 2..8-bit
-policy calibrated on random data) three ways: QDQ with INT4 weights (opset 21, ``auto``), QDQ
-with int8 containers only (``--int-types int8``) and the float model. For each it measures the
-onnxruntime CPU latency per image at batch 1 and batch 64 (median over ``--runs`` timed runs
-after ``--warmup`` runs, ``--threads`` intra-op threads, all graph optimisations; QDQ graphs
-also with ``session.disable_quant_qdq=1``, which lets onnxruntime fold the constant weight
-DequantizeLinear into float weights), the file size,
-and the agreement with PyTorch on random inputs (or on ``--verify-subset`` CIFAR-10 test images
-when ``--data-dir`` holds the archive). The packed file's size is set against the policy's size.
-Run:
+For each model (default: ResNet-20 at 32 px and torchvision ResNet-18 at 224 px, random weights
+with BatchNorm statistics from random data, or ``--checkpoint``) it writes, in one process:
 
-    python benchmarks/bench_export.py --out bench_export.json
-    python benchmarks/bench_export.py --checkpoint RUN_DIR/best.safetensors --threads 2
+* ``mpqkit``: the default export (BatchNorm folded, int8 weight containers) of the model
+  quantized with ``--policy`` (default w4a4, first/last 8 bit) trained folded (``fold_bn``)
+  and calibrated on random data;
+* ``mpqkit_int4``: the same with ``--int-types auto`` (INT4 weight containers);
+* ``mpqkit_unfolded``: the model quantized without ``fold_bn``, folded at export;
+* ``quantize_static``: onnxruntime's ``quant_pre_process`` (BatchNorm folded) and
+  ``quantize_static`` (QDQ, uint8 activations, int8 weights, per tensor) of the float graph;
+* ``float``: the float graph.
+
+Latency: onnxruntime CPU, ``--threads`` intra-op threads, all graph optimisations; the variants
+are run interleaved (one run of each in turn, ``--runs`` rounds after ``--warmup``), medians per
+image at each batch size, and their ratio to ``float``. The kernels that ran are the node types
+of the optimized graph (``SessionOptions.optimized_model_filepath``). Agreement with PyTorch on
+random inputs is reported for the mpqkit variants. Run:
+
+    python benchmarks/bench_export.py --out benchmarks/results/bench_export.json
+    python benchmarks/bench_export.py --models resnet20 --runs 30
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
+import onnx
 import torch
 
+from benchenv import report_environment, write_json
 from mpqkit import Policy, build_model, calibrate, quantize_model
-from mpqkit.complexity import profile_model
 from mpqkit.engine.config import to_dict
 from mpqkit.export.onnx_export import export_onnx
-from mpqkit.export.packed import save_packed
 from mpqkit.export.verify import make_session, verify_onnx
+from mpqkit.policy import parse_uniform
 from mpqkit.quant import QuantConfig, dequantize_model
 
-CYCLE = [(2, 2), (3, 3), (4, 4), (6, 6), (8, 8), (4, 2), (2, 4), (3, 6)]
+SIZES = {"resnet20": 32, "resnet18": 224}
 
 
-def fresh_model(name: str, per_channel: bool) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """A mixed-precision model calibrated on random data (BN statistics from random data)."""
+def fresh_model(name: str, size: int, policy_spec: str, fold: bool
+                ) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """``name`` quantized with a uniform policy (first/last 8 bit), calibrated on random data."""
     torch.manual_seed(0)
     fp = build_model(name)
     fp.train()
     with torch.no_grad():
         for _ in range(2):
-            fp(torch.randn(32, 3, 32, 32))
+            fp(torch.randn(8, 3, size, size))
     fp.eval()
-    names = list(profile_model(fp, 32))
-    bits = {n: CYCLE[i % len(CYCLE)] for i, n in enumerate(names)}
-    bits[names[0]], bits[names[-1]] = (8, 8), (8, 8)
-    policy = Policy.from_bits(fp, bits, 32, model_name=name,
-                              provenance={"method": "bench_export mixed"})
-    cfg = QuantConfig(per_channel=per_channel)
+    policy = Policy.uniform(fp, *parse_uniform(policy_spec), size)
+    cfg = QuantConfig(fold_bn=fold)
     q = quantize_model(fp, policy, cfg)
-    calibrate(q, torch.randn(16, 3, 32, 32))
-    meta = {"model": name, "num_classes": 10, "input_size": 32, "dataset": "cifar10",
+    calibrate(q, torch.randn(8, 3, size, size))
+    meta = {"model": name, "num_classes": 1000 if size == 224 else 10, "input_size": size,
             "policy": policy.to_dict(), "quant": to_dict(cfg)}
     return q.eval(), meta
 
 
-def latency(path: Path, shape: tuple[int, ...], batch: int, threads: int, runs: int,
-            warmup: int, config: dict[str, str] | None = None) -> dict[str, float]:
-    """Median (and quartiles) of onnxruntime wall time per image, in milliseconds."""
-    sess = make_session(path, threads, config)
-    x = np.random.default_rng(0).standard_normal((batch, *shape)).astype(np.float32)
-    name = sess.get_inputs()[0].name
-    for _ in range(warmup):
-        sess.run(None, {name: x})
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        sess.run(None, {name: x})
-        times.append((time.perf_counter() - t) * 1e3 / batch)
-    q = statistics.quantiles(times, n=4) if len(times) >= 4 else [min(times), 0, max(times)]
-    return {"median_ms_per_image": statistics.median(times), "p25": q[0], "p75": q[2],
-            "runs": runs}
+def quantize_static_model(fp_path: Path, out: Path, size: int) -> None:
+    """onnxruntime's pre-processing (BatchNorm folded) and static QDQ quantization."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    pre = out.with_suffix(".pre.onnx")
+    quant_pre_process(str(fp_path), str(pre))
+    rng = np.random.default_rng(0)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter([{"input": rng.standard_normal((4, 3, size, size)).astype(np.float32)}
+                            for _ in range(4)])
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.it, None)
+
+    quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+
+
+def kernels(path: Path, threads: int) -> dict[str, int]:
+    """Node types of onnxruntime's optimized graph: the kernels that run."""
+    opt = path.with_suffix(".optimized.onnx")
+    make_session(path, threads, optimized_path=opt)
+    return dict(Counter(n.op_type for n in onnx.load(str(opt)).graph.node).most_common())
+
+
+def interleaved(paths: dict[str, Path], size: int, batch: int, threads: int, runs: int,
+                warmup: int) -> dict[str, dict[str, float]]:
+    """Median ms per image of each variant, the variants run one after another per round."""
+    sessions = {k: make_session(p, threads) for k, p in paths.items()}
+    x = np.random.default_rng(0).standard_normal((batch, 3, size, size)).astype(np.float32)
+    times: dict[str, list[float]] = {k: [] for k in paths}
+    for r in range(warmup + runs):
+        for k, s in sessions.items():
+            t = time.perf_counter()
+            s.run(None, {"input": x})
+            if r >= warmup:
+                times[k].append((time.perf_counter() - t) * 1e3 / batch)
+    out = {}
+    for k, v in times.items():
+        q = statistics.quantiles(v, n=4) if len(v) >= 4 else [min(v), 0.0, max(v)]
+        out[k] = {"median_ms_per_image": statistics.median(v), "p25": q[0], "p75": q[2],
+                  "runs": len(v)}
+    return out
+
+
+def bench_model(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    size = SIZES.get(name, 224)
+    folded, meta = fresh_model(name, size, args.policy, fold=True)
+    unfolded, _ = fresh_model(name, size, args.policy, fold=False)
+    paths = {k: work / f"{name}_{k}.onnx" for k in
+             ("float", "quantize_static", "mpqkit", "mpqkit_int4", "mpqkit_unfolded")}
+    export_onnx(dequantize_model(unfolded), paths["float"], input_size=size, fp=True)
+    quantize_static_model(paths["float"], paths["quantize_static"], size)
+    export_onnx(folded, paths["mpqkit"], input_size=size, meta=meta)
+    export_onnx(folded, paths["mpqkit_int4"], input_size=size, meta=meta, int_types="auto")
+    export_onnx(unfolded, paths["mpqkit_unfolded"], input_size=size, meta=meta)
+    torch.manual_seed(1)
+    loader = [(torch.randn(8, 3, size, size), None) for _ in range(2)]
+    agree = {k: verify_onnx(m, paths[k], loader, threads=args.threads)
+             for k, m in (("mpqkit", folded), ("mpqkit_unfolded", unfolded))}
+    res: dict[str, Any] = {"input_size": size, "policy": Policy.from_dict(meta["policy"])
+                           .describe(), "kernels": {k: kernels(p, args.threads)
+                                                    for k, p in paths.items()},
+                           "agreement_with_torch_random_inputs": {
+                               k: {f: a[f] for f in ("images", "agreement", "max_logit_diff")}
+                               for k, a in agree.items()},
+                           "latency": {}, "ratio_to_float": {}}
+    for b in args.batch_sizes:
+        runs = args.runs if b == 1 else max(3, args.runs // (4 if size > 64 else 2))
+        lat = interleaved(paths, size, b, args.threads, runs, args.warmup)
+        res["latency"][f"batch{b}"] = lat
+        base = lat["float"]["median_ms_per_image"]
+        res["ratio_to_float"][f"batch{b}"] = {k: round(v["median_ms_per_image"] / base, 3)
+                                              for k, v in lat.items()}
+        print(f"{name} batch {b}: float {base:.3f} ms/image; ratio to float "
+              + ", ".join(f"{k} {r:.3f}" for k, r in res["ratio_to_float"][f"batch{b}"].items()),
+              flush=True)
+    for k in ("mpqkit", "quantize_static"):
+        print(f"{name} {k} kernels: {res['kernels'][k]}")
+    return res
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--checkpoint", default=None, help="RUN_DIR/best.safetensors (QAT)")
-    ap.add_argument("--model", default="resnet20", help="model of the fresh mixed policy")
-    ap.add_argument("--per-channel", action="store_true", help="fresh model: per-channel")
-    ap.add_argument("--opset", type=int, default=21)
+    ap.add_argument("--models", nargs="+", default=["resnet20", "resnet18"])
+    ap.add_argument("--policy", default="w4a4", help="uniform policy of the quantized model")
     ap.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
-    ap.add_argument("--runs", type=int, default=30)
+    ap.add_argument("--runs", type=int, default=40, help="timed rounds at batch 1 (fewer at 64)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
-    ap.add_argument("--data-dir", default=None, help="folder with cifar10-jpeg.tar.gz")
-    ap.add_argument("--verify-subset", type=int, default=200,
-                    help="CIFAR-10 test images for the agreement check (with --data-dir)")
-    ap.add_argument("--work-dir", default=None, help="where the exported files go (default: "
-                    "a temporary folder)")
+    ap.add_argument("--work-dir", default=None, help="exported files (default: a temp folder)")
     ap.add_argument("--out", default=None, help="JSON results file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-
-    if args.checkpoint:
-        from mpqkit.engine.trainer import load_checkpoint_model
-
-        model, meta = load_checkpoint_model(args.checkpoint)
-        if not meta.get("policy"):
-            raise SystemExit("bench_export: the checkpoint has no policy: pass a QAT checkpoint")
-    else:
-        model, meta = fresh_model(args.model, args.per_channel)
-    size = meta.get("input_size") or 32
-    shape = (3, size, size)
-    policy = Policy.from_dict(meta["policy"])
+    env = report_environment(args.threads)
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_export_"))
     work.mkdir(parents=True, exist_ok=True)
-
-    variants = {
-        "qdq": dict(fp=False, int_types="auto", opset=args.opset),
-        "qdq_int8": dict(fp=False, int_types="int8", opset=args.opset),
-        "fp": dict(fp=True, int_types="auto", opset=args.opset),
-    }
-    if args.data_dir:
-        from mpqkit.data import DataConfig, build_data, make_loader
-
-        bundle = build_data(DataConfig(name="cifar10", data_dir=args.data_dir,
-                                       test_subset=args.verify_subset))
-        loader: Any = make_loader(bundle.test, 100, train=False)
-        check_on = f"{len(bundle.test)} CIFAR-10 test images"
-    else:
-        torch.manual_seed(1)
-        loader = [(torch.randn(100, *shape), None) for _ in range(2)]
-        check_on = "200 random inputs"
-    results: dict[str, Any] = {}
-    for name, kw in variants.items():
-        path = work / f"{name}.onnx"
-        src = dequantize_model(model) if kw["fp"] else model
-        t = time.perf_counter()
-        summary = export_onnx(src, path, input_size=size, meta=meta, **kw)
-        export_s = time.perf_counter() - t
-        agree = verify_onnx(src, path, loader, threads=args.threads)
-        results[name] = {
-            "file_bytes": summary["bytes"], "export_seconds": round(export_s, 3),
-            "latency": {f"batch{b}": latency(path, shape, b, args.threads, args.runs,
-                                             args.warmup) for b in args.batch_sizes},
-            "agreement_with_torch": {k: agree[k] for k in ("images", "agreement",
-                                                           "max_logit_diff", "torch_top1",
-                                                           "onnx_top1", "top1_diff")},
-        }
-        if not kw["fp"]:
-            # onnxruntime keeps DequantizeLinear of constant weights (to find integer kernels);
-            # with its QDQ handling off, constant folding turns them into float weights once.
-            results[name]["latency_qdq_handling_off"] = {
-                f"batch{b}": latency(path, shape, b, args.threads, args.runs, args.warmup,
-                                     {"session.disable_quant_qdq": "1"})
-                for b in args.batch_sizes}
-        lat = ", ".join(f"b{b} {results[name]['latency'][f'batch{b}']['median_ms_per_image']:.3f}"
-                        for b in args.batch_sizes)
-        if "latency_qdq_handling_off" in results[name]:
-            off = results[name]["latency_qdq_handling_off"]
-            lat += " (QDQ handling off: " + ", ".join(
-                f"b{b} {off[f'batch{b}']['median_ms_per_image']:.3f}"
-                for b in args.batch_sizes) + ")"
-        print(f"{name:9s} {summary['bytes'] / 1e3:8.1f} kB  ms/image: {lat}  agreement "
-              f"{agree['agreement']:.1f}% max|dlogit| {agree['max_logit_diff']:.3g}")
-    packed = save_packed(model, work / "model.mpq", meta)
-    print(f"packed    {packed['file_bytes'] / 1e3:8.1f} kB  weights {packed['weight_bytes']} B vs "
-          f"policy {packed['policy_size_bytes']:.0f} B (x{packed['weight_vs_policy']:.4f}); "
-          f"overhead {packed['overhead_bytes']} B (header {packed['header_bytes']}, scales "
-          f"{packed['scale_bytes']}, other float {packed['other_float_bytes']})")
-    c = policy.complexity()
-    out = {
-        "model": meta["model"], "checkpoint": args.checkpoint, "policy": policy.describe(),
-        "policy_size_bytes": c.size_mb * 1e6, "fp32_weight_bytes": c.params * 4,
-        "opset": args.opset, "threads": args.threads, "runs": args.runs,
-        "agreement_checked_on": check_on,
-        "onnxruntime": ort.__version__, "torch": torch.__version__,
-        "cpu": platform.processor() or platform.machine(), "variants": results,
-        "packed": packed,
-        "qdq_vs_fp_latency": {f"batch{b}": results["qdq"]["latency"][f"batch{b}"]
-                              ["median_ms_per_image"] / results["fp"]["latency"][f"batch{b}"]
-                              ["median_ms_per_image"] for b in args.batch_sizes},
-    }
-    text = json.dumps(out, indent=2, default=str)
+    out = {"environment": env, "args": vars(args),
+           "models": {m: bench_model(m, args, work) for m in args.models}}
     if args.out:
-        Path(args.out).write_text(text + "\n")
-        print(f"wrote {args.out}")
-    else:
-        print(text)
+        print(f"wrote {write_json(args.out, out)}")
 
 
 if __name__ == "__main__":

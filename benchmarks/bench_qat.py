@@ -16,6 +16,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from benchenv import report_environment
 from mpqkit import Policy, build_model, calibrate, quantize_model
 from mpqkit.quant import QuantConfig
 
@@ -44,6 +45,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    env = report_environment(args.threads or None)
     dev = torch.device(args.device)
     torch.manual_seed(0)
     fp = build_model(args.model).to(dev)
@@ -77,6 +79,7 @@ def main() -> None:
            "fp_images_per_s": args.batch_size / med["fp"],
            "qat_images_per_s": args.batch_size / med["qat"],
            "qat_over_fp_throughput": med["fp"] / med["qat"], "steps": args.steps}
+    res["environment"] = env
     print(json.dumps(res, indent=2))
     if args.out:
         with open(args.out, "w") as f:

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from benchenv import report_environment
 from mpqkit.data import DataConfig
 from mpqkit.engine.checkpoint import save_checkpoint
 from mpqkit.models import build_model
@@ -208,9 +209,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/bench_search")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    env = report_environment(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    report: dict[str, Any] = {"device": args.device if args.device != "cpu" else
+    report: dict[str, Any] = {"environment": env, "device": args.device if args.device != "cpu" else
                               f"cpu ({platform.processor() or platform.machine()})",
                               "threads": torch.get_num_threads(), "torch": torch.__version__,
                               "images": args.images, "epochs": args.epochs}

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from benchenv import report_environment
 from mpqkit.data import DataConfig
 from mpqkit.engine import RunConfig, finetune
 from mpqkit.policy import Policy
@@ -116,6 +117,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    args.environment = report_environment(args.threads or None)  # stored with the args
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = []
