@@ -699,8 +699,13 @@ def tin_weights(args: argparse.Namespace) -> str | None:
     return "bundled" if bundled_weights(MODEL, "tiny-imagenet-32") is not None else None
 
 
+def selected(bits: float, args: argparse.Namespace) -> list[Source]:
+    """The budget's sources, cut to ``--only-policies`` when given."""
+    return [s for s in sources(bits) if not args.only_policies or s.name in args.only_policies]
+
+
 def stage_search(bits: float, args: argparse.Namespace, prof: Profile, state: dict) -> None:
-    for src in sources(bits):
+    for src in selected(bits, args):
         if src.kind == "target" and not args.tin_weights:
             continue
         t0 = time.time()
@@ -728,7 +733,7 @@ def stage_finetune(bits: float, args: argparse.Namespace, prof: Profile, state: 
         if target == "tin" and not args.tin_weights:
             continue
         for seed in prof.seeds:
-            for src in (s for s in sources(bits) if s.finetuned
+            for src in (s for s in selected(bits, args) if s.finetuned
                         and (s.kind != "target" or args.tin_weights)):
                 cell = ft_dir(Path(args.out), bits, target, src, seed)
                 if (cell / "result.json").is_file():
@@ -759,6 +764,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--only-budgets", default="", help="e.g. 2.5: run only these budgets")
     ap.add_argument("--stage", choices=["search", "finetune", "all"], default="all")
+    ap.add_argument("--only-policies", default="",
+                    help="e.g. asga,edmips: run only these policies' cells (the results list "
+                         "every finished cell)")
     ap.add_argument("--targets", default="tin,cifar", help="fine-tune targets: tin,cifar")
     ap.add_argument("--tin-weights", default=None,
                     help="FP ResNet-20 Tiny-ImageNet-32 checkpoint (default: the bundled one "
@@ -768,6 +776,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     args.out = args.out or f"runs/evidence/{args.profile}"
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    args.only_policies = {p.strip() for p in args.only_policies.split(",") if p.strip()}
     bad = [t for t in args.targets if t not in TARGETS]
     if bad:
         ap.error(f"unknown target(s) {', '.join(bad)}: use tin, cifar")

@@ -9,7 +9,7 @@ before the repair (x budget), how many layers the repair changed, how decided th
 Profiles:
 * ``defaults``: asga, edmips, gmpq, seam at both budgets with mpqkit's defaults;
 * ``ablation``: asga and edmips at 2.5 bits with one setting changed at a time (the logits in
-  the weights' SGD as in 0.1, random initial weights, no weight warm-up, ...).
+  the weights' SGD as in 0.1, lambda without the reset, random initial weights, ...).
 
 Every run has its own folder under ``--out``; a finished one (``policy.json``) is skipped, so
 an interrupted benchmark continues. Results: ``benchmarks/results/decide_resnet20.{json,md}``.
@@ -40,6 +40,8 @@ SUPERNET = ("asga", "edmips", "gmpq", "seam")
 # one change at a time against the defaults (2.5 bits); name -> config overrides
 ABLATION: dict[str, dict[str, Any]] = {
     "defaults": {},
+    "dual-inequality": {"dual": "inequality"},
+    "target-0.98": {"lambda_target": 0.98},
     "logits-in-sgd-0.1": {"arch_optimizer": "sgd", "lr_alpha": 0.01},
     "random-init": {"weights": None},
     "warmup-2": {"arch_warmup_epochs": 2},
@@ -127,18 +129,20 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--only", default="", help="comma-separated run names to run")
+    ap.add_argument("--only", default="", help="comma-separated run names to run (the "
+                    "results files list every finished run of the profile in --out)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     todo = [c for c in cells(args.profile)
             if not args.only or c["name"] in args.only.split(",")]
-    results = []
     for cell in todo:
         t0 = time.time()
-        results.append(run_cell(cell, args))
-        r = results[-1]
+        r = run_cell(cell, args)
         print(f"{r['name']}: argmax {r['argmax_ratio']:.3f} x budget, {r['layers_repaired']} "
               f"repaired, top-1 p {r['top1_prob']:.3f} ({time.time() - t0:.0f}s)", flush=True)
+        # every finished cell of the profile (another process may run the others)
+        results = [summarize(Path(args.out) / c["name"], c) for c in cells(args.profile)
+                   if (Path(args.out) / c["name"] / "policy.json").is_file()]
         write(results, args, f"decide_resnet20_{args.profile}")
 
 

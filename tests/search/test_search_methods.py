@@ -27,6 +27,7 @@ from mpqkit.search import (
     register_method,
     search,
 )
+from mpqkit.search.loop import dual_lambda
 from mpqkit.search.methods.gmpq import attribution_loss, gradcam
 from mpqkit.search.methods.seam import margin_loss
 from mpqkit.search.registry import _REGISTRY
@@ -168,6 +169,31 @@ def test_equality_dual_turns_negative_below_its_target():
     assert dual.update(1.2, 1.0) == pytest.approx(low + 0.5 * (1.2 / 0.99 - 1))
     assert DualLambda(0.5, -1.0, lower=None).value == -1.0
     assert DualLambda(0.5, -1.0).value == 0.0
+
+
+def test_reset_dual_drops_to_zero_once_the_cost_fits_its_target():
+    dual = DualLambda(0.5, target=0.98, reset=True)
+    wound = [dual.update(1.2, 1.0) for _ in range(4)]  # an overshoot winds lambda up
+    assert wound[-1] == pytest.approx(4 * 0.5 * (1.2 / 0.98 - 1))
+    # inequality without the reset keeps pushing after the cost fits; reset stops at once
+    plain = DualLambda(0.5, wound[-1], target=0.98)
+    assert plain.update(0.97, 1.0) > 0.3
+    assert dual.update(0.97, 1.0) == 0.0
+    assert dual.update(0.99, 1.0) > 0  # above the target (the band's lower edge): rises again
+    with pytest.raises(ValueError):
+        DualLambda(0.5, lower=None, reset=True)
+
+
+@pytest.mark.parametrize(("mode", "target", "lower"), [
+    ("reset", 0.95, 0.0), ("inequality", 1.0, 0.0), ("equality", 0.99, None)])
+def test_dual_modes_aim_at_their_stated_targets(mode, target, lower):
+    cfg = SearchConfig(budget_bits=2.5, dual=mode, tol=0.02)
+    dual = dual_lambda(cfg)
+    assert dual.target == pytest.approx(target) and dual.lower == lower
+    assert dual.reset == (mode == "reset")
+    assert dual_lambda(SearchConfig(budget_bits=2.5, dual=mode, lambda_target=0.9)).target == 0.9
+    with pytest.raises(ConfigError, match="lambda_target"):
+        SearchConfig(budget_bits=2.5, lambda_target=1.2)
 
 
 def test_resume_continues_from_the_last_finished_epoch(folder, tmp_path):

@@ -89,10 +89,14 @@ def _add_schedule_args(p: argparse.ArgumentParser) -> None:
                    help="dual-ascent step of the budget multiplier lambda (default 0.5)")
     s.add_argument("--lambda-init", dest="lambda_init", type=float,
                    help="first value of the budget multiplier lambda (default 0)")
-    s.add_argument("--dual", dest="dual", choices=["equality", "inequality"],
-                   help="budget constraint of lambda: inequality (default, lambda >= 0) or "
-                        "equality (lambda may turn negative and pull a search below the budget "
-                        "up to the middle of the band)")
+    s.add_argument("--dual", dest="dual", choices=["reset", "inequality", "equality"],
+                   help="budget multiplier lambda: reset (default; lambda >= 0 on the band's "
+                        "lower edge, back to 0 once the argmax fits), inequality (lambda >= 0 "
+                        "on the budget, no reset) or equality (lambda may turn negative and "
+                        "pull a search below the budget up to the middle of the band)")
+    s.add_argument("--lambda-target", dest="lambda_target", type=float, metavar="X",
+                   help="argmax cost lambda aims at, x budget (default: 0.95 with --dual reset, "
+                        "1 with inequality, 1 - tol/2 with equality)")
     s.add_argument("--lambda-on", dest="lambda_on", choices=["argmax", "expected"],
                    help="cost that drives lambda: of the argmax policy (default) or expected")
     s.add_argument("--calib-batches", dest="calib_batches", type=int, metavar="N")

@@ -98,12 +98,17 @@ class DualLambda:
 
     ``lower=0`` (the inequality ``C <= B``): lambda stays >= 0, so below the budget only the task
     loss moves the logits. ``lower=None`` (the equality ``C = target B``): lambda may turn
-    negative and pull the cost up to the target as well.
+    negative and pull the cost up to the target as well. ``reset=True`` (with ``lower=0``):
+    lambda drops back to 0 as soon as ``C <= target B``, so a multiplier wound up by an
+    overshoot does not keep pushing the cost far below the target afterwards.
     """
 
     def __init__(self, eta: float, value: float = 0.0, *, lower: float | None = 0.0,
-                 target: float = 1.0) -> None:
+                 target: float = 1.0, reset: bool = False) -> None:
+        if reset and lower is None:
+            raise ValueError("reset needs a lower bound for lambda")
         self.eta, self.lower, self.target = float(eta), lower, float(target)
+        self.reset = reset
         self.value = self._clamp(float(value))
 
     def _clamp(self, v: float) -> float:
@@ -111,8 +116,26 @@ class DualLambda:
 
     def update(self, cost: float, budget: float) -> float:
         """One step on the constraint gap; returns the new ``lambda``."""
-        self.value = self._clamp(self.value + self.eta * (cost / (self.target * budget) - 1.0))
+        gap = cost / (self.target * budget) - 1.0
+        if self.reset and gap <= 0:
+            self.value = float(self.lower)  # type: ignore[arg-type]
+        else:
+            self.value = self._clamp(self.value + self.eta * gap)
         return self.value
+
+
+def dual_lambda(cfg: SearchConfig) -> DualLambda:
+    """The multiplier ``cfg.dual`` names, aimed at ``cfg.lambda_target`` x budget, by default:
+    ``reset`` at 0.95 (the argmax hovers around it and stays under the budget), ``equality``
+    at the middle of the repair band ``[(1 - tol) B, B]``, ``inequality`` at ``B``."""
+    t = cfg.lambda_target
+    if cfg.dual == "equality":
+        return DualLambda(cfg.lambda_lr, cfg.lambda_init, lower=None,
+                          target=1.0 - cfg.tol / 2 if t is None else t)
+    if cfg.dual == "reset":
+        return DualLambda(cfg.lambda_lr, cfg.lambda_init, target=0.95 if t is None else t,
+                          reset=True)
+    return DualLambda(cfg.lambda_lr, cfg.lambda_init, target=1.0 if t is None else t)
 
 
 @dataclass
@@ -166,9 +189,7 @@ class SupernetSearch:
         self.base, self.asga = create_optimizer(groups, self.optim_cfg, self.supernet)
         self.optimizers = OptimizerSet(self.base, *([self.arch_opt] if self.arch_opt else []))
         self.arch_frozen = False
-        eq = cfg.dual == "equality"  # aim at the middle of the band [(1 - tol) B, B]
-        self.dual = DualLambda(cfg.lambda_lr, cfg.lambda_init, lower=None if eq else 0.0,
-                               target=1.0 - cfg.tol / 2 if eq else 1.0)
+        self.dual = dual_lambda(cfg)
         self.counters = _Counters()
         self._arch = self.supernet.arch_parameters()
         self._weights = self.supernet.weight_parameters()
