@@ -261,3 +261,53 @@ def test_functional_ops(tmp_path: Path, opset: int) -> None:
     rep = {r["name"]: r for r in inspect_file(path)["layers"]}
     assert rep["fc"]["op"] == "Gemm" and (rep["fc"]["w_bits"], rep["fc"]["a_bits"]) == (3, 5)
     assert rep["head"]["op"] == "MatMul" and rep["head"]["w_bits"] == 32
+
+
+class _Families(torch.nn.Module):
+    """The ops torchvision's families add: chunk/split (ShuffleNet-V2), stochastic depth
+    (EfficientNet, ConvNeXt), LayerNorm as a module and as a function over channels-last
+    (ConvNeXt), adaptive average pooling to a size that does not divide the map (VGG, AlexNet)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torchvision.ops import StochasticDepth
+
+        nn = torch.nn
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.sd = StochasticDepth(0.2, "row")
+        self.ln = nn.LayerNorm(8)
+        self.ln_w = nn.Parameter(torch.rand(4) + 0.5)
+        self.ln_b = nn.Parameter(torch.randn(4))
+        self.pool = nn.AdaptiveAvgPool2d((5, 3))
+        self.fc = nn.Linear(8 * 5 * 3, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        y = self.conv(x)
+        a, b = y.chunk(2, dim=1)
+        c, d = torch.split(b, [3, 1], dim=1)
+        y = torch.cat([d, self.sd(a), c], 1)
+        y = self.ln(y.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        e, f = y.split(4, 1)
+        e = F.layer_norm(e.permute(0, 2, 3, 1), (4,), self.ln_w, self.ln_b, 1e-6)
+        y = torch.cat([e.permute(0, 3, 1, 2), f], 1)
+        return self.fc(self.pool(y).flatten(1))
+
+
+@pytest.mark.parametrize("opset", [13, 21])
+@pytest.mark.parametrize("size", [4, 8])
+def test_torchvision_family_ops(tmp_path: Path, opset: int, size: int) -> None:
+    torch.manual_seed(0)
+    model = _Families().eval()
+    policy = Policy.from_bits(model, {"conv": (4, 8), "fc": (8, 8)}, size)
+    q = quantize_model(model, policy)
+    calibrate(q, torch.randn(8, 3, size, size))
+    path = tmp_path / "fam.onnx"
+    export_onnx(q.eval(), path, input_size=size, opset=opset)
+    x = torch.randn(5, 3, size, size)
+    with torch.no_grad():
+        ref = q(x).numpy()
+    np.testing.assert_allclose(run_ort(path, x), ref, rtol=1e-4, atol=1e-4)
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert "Split" in ops and ("LayerNormalization" in ops) == (opset >= 17)

@@ -123,7 +123,7 @@ QTYPE_BY_ONNX = {t.onnx_type: t for t in QTYPES.values()}
 SUPPORTED_MODULES = ("Conv2d", "Linear", "BatchNorm1d/2d", "ReLU", "ReLU6", "Hardtanh",
                      "LeakyReLU", "Sigmoid", "Tanh", "SiLU", "Hardswish", "Hardsigmoid", "GELU",
                      "Softmax", "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d", "Flatten",
-                     "Dropout", "Identity")
+                     "LayerNorm", "Dropout", "Identity")
 
 
 def max_opset() -> int:
@@ -191,6 +191,9 @@ _ALIASES = {
 }
 _FUNC_MODULES = ("operator", "_operator", "torch", "torch.nn.functional", "torch._C._nn",
                  "torch.functional", "builtins", "torch._C._VariableFunctions")
+# functions of other libraries that the tracer keeps as calls (``torch.fx.wrap``), by
+# (module, name); each has a handler below
+_LIBRARY_FUNCS = {("torchvision.ops.stochastic_depth", "stochastic_depth")}
 
 
 def _canon(node: fx.Node) -> str:
@@ -199,7 +202,8 @@ def _canon(node: fx.Node) -> str:
     else:
         t = node.target
         mod = getattr(t, "__module__", None)
-        if mod is not None and mod not in _FUNC_MODULES and t is not getattr:
+        if (mod is not None and mod not in _FUNC_MODULES and t is not getattr
+                and (mod, getattr(t, "__name__", None)) not in _LIBRARY_FUNCS):
             raise _Unsupported(f"function {getattr(t, '__qualname__', t)!r} from {mod}")
         name = getattr(t, "__name__", str(t))
     return _ALIASES.get(name, name)
@@ -340,6 +344,15 @@ class _Converter:
         self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=node_name,
                                            **attrs))
         return out
+
+    def op_multi(self, op_type: str, inputs: Sequence[str], n: int, name: str,
+                 **attrs: Any) -> tuple[str, ...]:
+        """A node with ``n`` outputs (``name:out0``, ...); their names."""
+        node_name = self.uniq(name)
+        outs = tuple(self.uniq(f"{node_name}:out{i}") for i in range(n))
+        self.nodes.append(helper.make_node(op_type, list(inputs), list(outs), name=node_name,
+                                           **attrs))
+        return outs
 
     # -- tracing -------------------------------------------------------------------------------
     def trace(self) -> fx.GraphModule:
@@ -610,6 +623,12 @@ class _Converter:
                self.init(f"{lname}.running_var", _np(mod.running_var))]
         return self.op("BatchNormalization", ins, name=lname, epsilon=float(mod.eps))
 
+    @_handles_module(nn.LayerNorm)
+    def _mod_layer_norm(self, lname: str, mod: nn.LayerNorm, node: fx.Node, x: str) -> str:
+        w = self.init(f"{lname}.weight", _np(mod.weight)) if mod.weight is not None else None
+        b = self.init(f"{lname}.bias", _np(mod.bias)) if mod.bias is not None else None
+        return self.layer_norm(node.args[0], x, mod.normalized_shape, w, b, mod.eps, lname)
+
     @_handles_module(nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d)
     def _mod_identity(self, lname: str, mod: nn.Module, node: fx.Node, x: str) -> str:
         return x
@@ -701,6 +720,29 @@ class _Converter:
         return self.op("Mul", [self.op("Mul", [x, self.const_f32(0.5)]),
                                self.op("Add", [e, self.const_f32(1.0)])], name=name)
 
+    def layer_norm(self, src: Any, x: str, normalized_shape: Sequence[int], w: str | None,
+                   b: str | None, eps: float, name: str) -> str:
+        """LayerNormalization over the last ``len(normalized_shape)`` axes (opset >= 17;
+        mean / variance / scale nodes below)."""
+        shape = self.shape(src)
+        k = len(tuple(normalized_shape))
+        if tuple(shape[len(shape) - k:]) != tuple(normalized_shape):
+            raise _Unsupported(f"layer norm over {tuple(normalized_shape)} of a tensor of shape "
+                               f"{shape}")
+        if self.opset >= 17:
+            w = w or self.init(f"{name}.weight", np.ones(normalized_shape, np.float32))
+            return self.op("LayerNormalization", [x, w] + ([b] if b else []), name=name,
+                           axis=len(shape) - k, epsilon=float(eps))
+        axes = list(range(len(shape) - k, len(shape)))
+        mean = self.op("ReduceMean", [x], axes=axes, keepdims=1)
+        d = self.op("Sub", [x, mean])
+        var = self.op("ReduceMean", [self.op("Mul", [d, d])], axes=axes, keepdims=1)
+        y = self.op("Div", [d, self.op("Sqrt", [self.op("Add", [var, self.const_f32(eps)])])],
+                    name=None if (w or b) else name)
+        if w:
+            y = self.op("Mul", [y, w], name=None if b else name)
+        return self.op("Add", [y, b], name=name) if b else y
+
     def axis(self, src: Any, dim: int | None) -> int:
         rank = len(self.shape(src))
         if dim is None:
@@ -722,10 +764,14 @@ class _Converter:
         oh, ow = oh or h, ow or w
         if (oh, ow) == (1, 1):
             return self.op("GlobalAveragePool", [x], name=name)
-        if h % oh or w % ow:
-            raise _Unsupported(f"adaptive average pooling {h}x{w} -> {oh}x{ow} (not a divisor)")
-        k = [h // oh, w // ow]
-        return self.op("AveragePool", [x], name=name, kernel_shape=k, strides=k)
+        if h % oh == 0 and w % ow == 0:
+            k = [h // oh, w // ow]
+            return self.op("AveragePool", [x], name=name, kernel_shape=k, strides=k)
+        # any other sizes (e.g. VGG's 7x7 after a 2x2 map): PyTorch's bins as two averaging
+        # matrices, A_h @ x @ A_w^T
+        rows = self.init(f"{name}/rows", _adaptive_matrix(h, oh))
+        cols = self.init(f"{name}/cols", _adaptive_matrix(w, ow).T.copy())
+        return self.op("MatMul", [self.op("MatMul", [rows, x]), cols], name=name)
 
     def pool(self, op_type: str, x: str, kernel: Any, stride: Any, padding: Any,
              ceil_mode: bool, name: str | None, **extra: Any) -> str:
@@ -933,6 +979,47 @@ class _Converter:
             return c.a0
         return self.op("Squeeze", [c.a0, self.const_i64(axes)], name=c.node.name)
 
+    @_handles("layer_norm")
+    def _fn_layer_norm(self, c: _Call) -> str:
+        w, b = c.arg(2, "weight"), c.arg(3, "bias")
+        if not all(v is None or isinstance(v, str) for v in (w, b)):
+            raise _Unsupported("a layer norm weight or bias that is not a tensor")
+        return self.layer_norm(c.src, c.a0, tuple(c.arg(1, "normalized_shape")), w, b,
+                               c.arg(4, "eps", 1e-5), c.node.name)
+
+    @_handles("chunk")
+    def _fn_chunk(self, c: _Call) -> tuple[str, ...]:
+        shape = self.shape(c.src)
+        axis = self.axis(c.src, c.arg(2, "dim", 0))
+        chunks = int(c.arg(1, "chunks"))
+        each = -(-shape[axis] // chunks)  # torch.chunk: ceil-sized pieces, the last smaller
+        sizes = [min(each, shape[axis] - i) for i in range(0, shape[axis], each)]
+        return self.split(c.a0, axis, sizes, c.node.name)
+
+    @_handles("split")
+    def _fn_split(self, c: _Call) -> tuple[str, ...]:
+        shape = self.shape(c.src)
+        axis = self.axis(c.src, c.arg(2, "dim", 0))
+        sizes = c.arg(1, "split_size_or_sections", c.kwargs.get("split_size"))
+        if isinstance(sizes, int):
+            sizes = [min(sizes, shape[axis] - i) for i in range(0, shape[axis], sizes)]
+        if not all(isinstance(v, int) for v in sizes) or sum(sizes) != shape[axis]:
+            raise _Unsupported(f"split sizes {sizes!r}")
+        return self.split(c.a0, axis, list(sizes), c.node.name)
+
+    def split(self, x: str, axis: int, sizes: Sequence[int], name: str) -> tuple[str, ...]:
+        if len(sizes) == 1:
+            return (x,)
+        return self.op_multi("Split", [x, self.const_i64(list(sizes))], len(sizes), name,
+                             axis=axis)
+
+    @_handles("stochastic_depth")
+    def _fn_stochastic_depth(self, c: _Call) -> str:
+        # torchvision.ops.stochastic_depth: the identity at inference (training=False)
+        if c.arg(3, "training", True):
+            raise _Unsupported("stochastic depth in training mode")
+        return c.a0
+
     def size_of(self, src: Any, dim: int | None) -> Any:
         shape = self.shape(src)
         dims: list[Any] = [self.batch_size(), *shape[1:]]
@@ -999,6 +1086,16 @@ class _Converter:
         if squeeze:
             y = self.op("Squeeze", [y, self.const_i64(squeeze)])
         return y
+
+
+def _adaptive_matrix(n: int, out: int) -> np.ndarray:
+    """``out x n``: row ``i`` averages PyTorch's adaptive-pooling bin ``[floor(i n / out),
+    ceil((i + 1) n / out))``."""
+    m = np.zeros((out, n), np.float32)
+    for i in range(out):
+        lo, hi = (i * n) // out, -(-((i + 1) * n) // out)
+        m[i, lo:hi] = 1.0 / (hi - lo)
+    return m
 
 
 def _fetch_attr(gm: fx.GraphModule, target: str) -> torch.Tensor:
