@@ -14,6 +14,7 @@ from torch import nn
 from torch.func import functional_call
 
 from mpqkit.complexity import parse_budget, policy_cost, profile_model
+from mpqkit.errors import ConfigError
 from mpqkit.policy import first_last_layers
 from mpqkit.quant.layers import quantizable_layers
 from mpqkit.quant.quantizers import make_act_quantizer, make_weight_quantizer
@@ -197,6 +198,26 @@ def test_each_sample_is_the_exact_product(est):
     tr = layer_traces(model, [(x, y)], iters=3, seed=5, estimator=est)
     got = torch.tensor([tr.weight[n] for n in LAYERS] + [tr.act[n] for n in LAYERS])
     assert torch.allclose(got, want.float() / 3, rtol=1e-4, atol=1e-6), (got, want / 3)
+
+
+@pytest.mark.parametrize("est", ["joint", "per_block"])
+def test_an_op_without_second_derivative_falls_back_to_ggn(est, caplog):
+    """Hardsigmoid (MobileNet-V3's squeeze-excitation) has no double backward in PyTorch: the
+    Hutchinson estimators name the op in one warning and measure Gauss-Newton traces instead;
+    a loss the ggn estimator cannot take is a one-line error."""
+    torch.manual_seed(0)
+    model = Small(nn.Hardsigmoid())
+    batch = (torch.randn(4, 2, 5, 5), torch.randint(0, 3, (4,)))
+    with caplog.at_level("WARNING", logger="mpqkit"):
+        tr = layer_traces(model, [batch], iters=2, seed=1, estimator=est)
+    ggn = layer_traces(model, [batch], iters=2, seed=1, estimator="ggn")
+    assert tr.estimator == "ggn" and tr.weight == ggn.weight and tr.act == ggn.act
+    assert "hardsigmoid_backward" in tr.fallback and tr.fallback.startswith(f"{est} -> ggn")
+    assert any("hardsigmoid_backward" in r.getMessage() and "ggn" in r.getMessage()
+               for r in caplog.records)
+    with pytest.raises(ConfigError, match="hardsigmoid_backward.*estimator ggn"):
+        layer_traces(model, [batch], iters=2, estimator=est,
+                     loss_fn=lambda z, t: F.cross_entropy(z, t) * 2)
 
 
 def test_traces_are_deterministic_for_a_seed():

@@ -85,6 +85,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -269,6 +270,7 @@ class LayerTraces:
     seconds: float = 0.0
     key: str = ""
     estimator: str = "joint"  # see ESTIMATORS
+    fallback: str = ""  # why another estimator than the one asked for ran (empty: none)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -340,14 +342,48 @@ def layer_traces(model: nn.Module, batches: Iterable[Any], layers: Sequence[str]
     statistics), its mode and parameters' ``requires_grad`` are restored. Batch ``k`` uses the
     seed ``seed + k``: the result is a function of the model, the batches and the seed.
     ``estimator``: one of :data:`ESTIMATORS`. ``progress``: a bar on stderr when it is a
-    terminal; one log line per batch either way.
+    terminal; one log line per batch either way. A model with an op that PyTorch cannot
+    differentiate twice (``hardsigmoid`` of MobileNet-V3, ...) gets the ``ggn`` estimator
+    instead of ``joint``/``per_block`` (first derivatives only), with a warning naming the op;
+    ``LayerTraces.fallback`` records it.
     """
     _check_estimator(estimator, loss_fn)
-    mods, names = _fp_layers(model, layers)
-    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    _fp_layers(model, layers)
     batches = list(batches)
     if not batches:
         raise ConfigError("HAWQ got no batches: give at least one proxy batch")
+    kw = dict(loss_fn=loss_fn, iters=iters, seed=seed, activations=activations, device=device,
+              progress=progress)
+    try:
+        return _layer_traces(model, batches, layers, estimator=estimator, **kw)
+    except RuntimeError as exc:
+        op = _not_twice_differentiable(exc)
+        if estimator == "ggn" or op is None:
+            raise
+        if loss_fn is not F.cross_entropy:
+            raise ConfigError(f"the {estimator} trace estimator needs second derivatives, which "
+                              f"PyTorch lacks for {op} in this model: use the cross-entropy loss "
+                              "and estimator ggn (first derivatives only)") from None
+    reason = (f"PyTorch has no second derivative of {op} (in this model), which the {estimator} "
+              "estimator needs")
+    log.warning(f"hawq: {reason}: using the ggn estimator (Gauss-Newton traces, first "
+                "derivatives only) instead")
+    out = _layer_traces(model, batches, layers, estimator="ggn", **kw)
+    out.fallback = f"{estimator} -> ggn: {reason}"
+    return out
+
+
+def _not_twice_differentiable(exc: RuntimeError) -> str | None:
+    """The op named by PyTorch's "derivative for aten::X is not implemented", else None."""
+    m = re.search(r"derivative for (\S+) is not implemented", str(exc))
+    return m.group(1) if m else None
+
+
+def _layer_traces(model: nn.Module, batches: list[Any], layers: Sequence[str] | None, *,
+                  loss_fn: LossFn, iters: int, seed: int, activations: bool, estimator: str,
+                  device: torch.device | str | None, progress: bool) -> LayerTraces:
+    mods, names = _fp_layers(model, layers)
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
     weights = [mods[n].weight for n in names]
     was_training, req = model.training, [p.requires_grad for p in weights]
     out = LayerTraces(dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0),
@@ -539,6 +575,8 @@ class HawqResult:
         return {"hawq_trace_batches": self.traces.batches,
                 "hawq_trace_iters": self.traces.iters, "hawq_traces_cached": self.cached,
                 "hawq_estimator": self.traces.estimator,
+                **({"hawq_estimator_fallback": self.traces.fallback}
+                   if self.traces.fallback else {}),
                 "images_processed": self.images, "hessian_vector_products": self.hvps,
                 # forward/backward-equivalent passes of the traces (see _accumulate), plus the
                 # calibration forward
