@@ -266,7 +266,8 @@ def test_functional_ops(tmp_path: Path, opset: int) -> None:
 class _Families(torch.nn.Module):
     """The ops torchvision's families add: chunk/split (ShuffleNet-V2), stochastic depth
     (EfficientNet, ConvNeXt), LayerNorm as a module and as a function over channels-last
-    (ConvNeXt), adaptive average pooling to a size that does not divide the map (VGG, AlexNet)."""
+    (ConvNeXt), adaptive average pooling to a size that does not divide the map (VGG, AlexNet);
+    timm's static shape asserts and functional batch norm."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -280,11 +281,16 @@ class _Families(torch.nn.Module):
         self.ln_b = nn.Parameter(torch.randn(4))
         self.pool = nn.AdaptiveAvgPool2d((5, 3))
         self.fc = nn.Linear(8 * 5 * 3, 4)
+        self.register_buffer("bn_mean", torch.randn(8))
+        self.register_buffer("bn_var", torch.rand(8) + 0.5)
+        self.bn_b = nn.Parameter(torch.randn(8))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         import torch.nn.functional as F
 
         y = self.conv(x)
+        torch._assert(y.ndim == 4, "4D")  # timm's shape asserts, F.batch_norm (BatchNormAct2d)
+        y = F.batch_norm(y, self.bn_mean, self.bn_var, None, self.bn_b, False, 0.1, 1e-3)
         a, b = y.chunk(2, dim=1)
         c, d = torch.split(b, [3, 1], dim=1)
         y = torch.cat([d, self.sd(a), c], 1)

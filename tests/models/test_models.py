@@ -55,3 +55,27 @@ def test_bundled_resnet20_checkpoints_load(dataset, classes, floor):
     load_model_state(build_model("resnet20", num_classes=classes), tensors, str(path))
     info = bundled_info("resnet20", dataset)
     assert info is not None and info["test_top1"] > floor and info["dataset"] == dataset
+
+
+@pytest.mark.parametrize("name,size", [("googlenet", 32), ("inception_v3", 75)])
+def test_auxiliary_classifiers_are_off(name, size):
+    """GoogLeNet and Inception-V3 return one logits tensor in training too (no auxiliary
+    heads), the form every mpqkit step takes; torchvision's default stays reachable."""
+    m = build_model(name, num_classes=5).train()
+    out = m(torch.randn(2, 3, size, size))
+    assert isinstance(out, torch.Tensor) and out.shape == (2, 5)
+    assert build_model("googlenet", num_classes=5, aux_logits=True).aux1 is not None
+
+
+def test_timm_models_by_name():
+    pytest.importorskip("timm")
+    m = build_model("timm:resnet18", num_classes=7)
+    assert m(torch.zeros(2, 3, 32, 32)).shape == (2, 7)
+    with pytest.raises(ModelError, match="timm has no model 'resnet_nope'.*close: .*resnet"):
+        build_model("timm:resnet_nope")
+
+
+def test_timm_missing_is_one_line(monkeypatch):
+    monkeypatch.setitem(sys.modules, "timm", None)  # import timm raises ImportError
+    with pytest.raises(ModelError, match=r"needs the timm package: pip install 'mpqkit\[timm\]'"):
+        build_model("timm:resnet18")

@@ -816,6 +816,24 @@ class _Converter:
         return self.op(onnx_op, [self.tensor_or_const(c.a0), self.tensor_or_const(other)],
                        name=c.node.name)
 
+    @_handles("eq", "ne", "lt", "le", "gt", "ge", tensor_input=False)
+    def _fn_compare(self, c: _Call) -> bool:
+        # comparisons of values known when exporting (a tensor's ndim, its static sizes), as
+        # in timm's shape asserts; tensors and the batch size have no Python truth value here
+        a, b = c.a0, c.arg(1, "other")
+        if any(isinstance(v, str | _Dyn) for v in (a, b)):
+            raise _Unsupported("a comparison of run-time values (a data-dependent branch)")
+        return bool(getattr(operator, c.name)(a, b))
+
+    @_handles("_assert", tensor_input=False)
+    def _fn_assert(self, c: _Call) -> None:
+        cond = c.a0
+        if not isinstance(cond, bool | int):
+            raise _Unsupported("an assertion on run-time values")
+        if not cond:
+            raise _Unsupported(f"the model's assertion fails ({c.arg(1, 'message', '')})")
+        return None
+
     @_handles("identity", tensor_input=False)
     def _fn_identity(self, c: _Call) -> Any:
         return c.a0
@@ -824,6 +842,8 @@ class _Converter:
     def _fn_getattr(self, c: _Call) -> Any:
         if isinstance(c.a0, str) and c.args[1] == "shape":
             return self.size_of(c.src, None)
+        if isinstance(c.a0, str) and c.args[1] == "ndim":
+            return len(self.shape(c.src))
         raise _Unsupported(f"attribute {c.args[1]!r} of a tensor")
 
     @_handles("size", tensor_input=False)
@@ -978,6 +998,20 @@ class _Converter:
         if not axes:
             return c.a0
         return self.op("Squeeze", [c.a0, self.const_i64(axes)], name=c.node.name)
+
+    @_handles("batch_norm")
+    def _fn_batch_norm(self, c: _Call) -> str:
+        # F.batch_norm on running statistics (timm's BatchNormAct2d)
+        mean, var = c.arg(1, "running_mean"), c.arg(2, "running_var")
+        w, b = c.arg(3, "weight"), c.arg(4, "bias")
+        if c.arg(5, "training", False) or not isinstance(mean, str) or not isinstance(var, str):
+            raise _Unsupported("batch norm on batch statistics (training mode, or no running "
+                               "statistics)")
+        ch = self.shape(c.src)[1]
+        w = w if isinstance(w, str) else self.init(f"{c.node.name}.weight", np.ones(ch, np.float32))
+        b = b if isinstance(b, str) else self.init(f"{c.node.name}.bias", np.zeros(ch, np.float32))
+        return self.op("BatchNormalization", [c.a0, w, b, mean, var], name=c.node.name,
+                       epsilon=float(c.arg(7, "eps", 1e-5)))
 
     @_handles("layer_norm")
     def _fn_layer_norm(self, c: _Call) -> str:

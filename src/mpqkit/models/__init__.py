@@ -3,7 +3,12 @@
 ``build_model(name, num_classes)`` accepts:
 
 * ``resnet20``, ``resnet32``, ``resnet56``, ``resnet18_cifar``, ``mobilenet_v2_cifar``;
-* any torchvision classification model name (``resnet18``, ``mobilenet_v2``, ...);
+* any torchvision classification model name (``resnet18``, ``mobilenet_v2``, ...); GoogLeNet
+  and Inception-V3 without their auxiliary classifiers (``aux_logits=False``: mpqkit trains,
+  searches and exports models that return one logits tensor; pass ``aux_logits=True`` to
+  ``build_model`` for torchvision's default);
+* ``timm:NAME``: a model of the optional ``timm`` package (``pip install 'mpqkit[timm]'``),
+  ``timm.create_model(NAME, pretrained=False, num_classes=...)``;
 * ``package.module:factory`` for a user's own model (called with ``num_classes=`` when the
   factory takes it).
 """
@@ -33,6 +38,10 @@ CIFAR_MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet18_cifar": resnet18_cifar, "mobilenet_v2_cifar": mobilenet_v2_cifar,
 }
 
+# torchvision builders whose default adds auxiliary classifiers (a tuple of logits in training)
+_AUX_LOGITS = ("googlenet", "inception_v3")
+TIMM_PREFIX = "timm:"
+
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 # Bundled full-precision checkpoints: (model, dataset) -> file stem in WEIGHTS_DIR.
 BUNDLED = {("resnet20", "cifar10"): "resnet20_cifar10",
@@ -58,17 +67,35 @@ def build_model(name: str, num_classes: int = 10, **kwargs: Any) -> nn.Module:
     """Build a model by name (see module docstring). Raises :class:`ModelError` if unknown."""
     if name in CIFAR_MODELS:
         return CIFAR_MODELS[name](num_classes=num_classes, **kwargs)
+    if name.startswith(TIMM_PREFIX):
+        return _from_timm(name[len(TIMM_PREFIX):], num_classes, **kwargs)
     if ":" in name:
         return _from_import_path(name, num_classes, **kwargs)
     tv = _torchvision_names()
     if name in tv:
         from torchvision import models as tvm
 
+        if name in _AUX_LOGITS:
+            kwargs = {"aux_logits": False, "init_weights": True, **kwargs}
         return tvm.get_model(name, num_classes=num_classes, weights=None, **kwargs)
     close = [n for n in sorted(CIFAR_MODELS) + tv if n.startswith(name[:4])][:8]
     hint = f" (close: {', '.join(close)})" if close else ""
     raise ModelError(f"unknown model {name!r}{hint}: use one of {', '.join(sorted(CIFAR_MODELS))}, "
                      "a torchvision model name, or package.module:factory")
+
+
+def _from_timm(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
+    try:
+        import timm
+    except ImportError:
+        raise ModelError(f"model 'timm:{name}' needs the timm package: pip install "
+                         "'mpqkit[timm]' (or pip install timm)") from None
+    if not name or not timm.is_model(name):
+        close = timm.list_models(f"*{name[:5]}*")[:8] if name else []
+        hint = f" (close: {', '.join(close)})" if close else ""
+        raise ModelError(f"timm has no model {name!r}{hint}: use timm:NAME with a name from "
+                         "timm.list_models()")
+    return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
 
 
 def _from_import_path(path: str, num_classes: int, **kwargs: Any) -> nn.Module:

@@ -11,11 +11,40 @@ from torch import Tensor, nn
 
 from mpqkit.errors import PolicyError
 from mpqkit.quant.fold import find_fold_sites, fold_layer
-from mpqkit.quant.layers import QuantConfig, QuantMixin, qlayer_for, quantizable_layers
+from mpqkit.quant.layers import (
+    QuantConfig,
+    QuantMixin,
+    qlayer_for,
+    quantizable_layers,
+    quantizable_types,
+)
 from mpqkit.quant.quantizers import FULL_PRECISION, Quantizer
 
 if TYPE_CHECKING:  # policy imports the quantizers; only the type is needed here
     from mpqkit.policy import Policy
+
+
+# Subclasses of a quantizable torch.nn layer whose forward computes the same function, by
+# "module.ClassName": quantized as that layer (timm's Linear only adds a TorchScript-time cast).
+EQUIVALENT_SUBCLASSES: dict[str, type[nn.Module]] = {"timm.layers.linear.Linear": nn.Linear}
+
+
+def quantized_class(name: str, mod: nn.Module) -> type[QuantMixin]:
+    """The quantized class that replaces layer ``name``, or a one-line :class:`PolicyError`."""
+    qcls = qlayer_for(mod)
+    if qcls is not None:
+        return qcls
+    cls = type(mod)
+    registered = {t: qlayer_for(t.__new__(t)) for t in quantizable_types()}
+    base = EQUIVALENT_SUBCLASSES.get(f"{cls.__module__}.{cls.__qualname__}")
+    if base is not None and isinstance(mod, base) and registered.get(base) is not None:
+        return registered[base]  # type: ignore[return-value]
+    parent = next((b.__name__ for b in cls.__mro__[1:] if b in registered), None)
+    raise PolicyError(f"layer {name!r} is a {cls.__module__}.{cls.__qualname__}, a subclass of "
+                      f"{parent or 'a quantizable layer'} with a forward of its own, which mpqkit "
+                      "cannot quantize as it is: register a quantized class for it with "
+                      "mpqkit.quant.layers.register_qlayer, or build the model with torch.nn "
+                      "layers")
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -49,10 +78,7 @@ def quantize_model(model: nn.Module, policy: Policy, config: QuantConfig | None 
             continue
         if isinstance(mod, QuantMixin):
             mod = mod.to_float()
-        qcls = qlayer_for(mod)
-        if qcls is None:  # quantizable_layers only returns registered types
-            raise PolicyError(f"layer {name!r} ({type(mod).__name__}) cannot be quantized")
-        qmod = qcls.from_float(mod, lp.w_bits, lp.a_bits, config)
+        qmod = quantized_class(name, mod).from_float(mod, lp.w_bits, lp.a_bits, config)
         _set_submodule(model, name, qmod)
     return model
 
