@@ -113,3 +113,20 @@ def test_unknown_checkpoint_kind_is_refused(tmp_path):
                     {"model": "resnet20", "num_classes": 10, "kind": "hypernet"})
     with pytest.raises(CheckpointError, match="kind 'hypernet'.*known: model, supernet"):
         load_checkpoint_model(tmp_path / "c.safetensors")
+
+
+def test_input_size_is_the_training_resolution(tiny_folder, tmp_path):
+    """--input-size 48 trains on 48 px images, the size the BitOps and the checkpoint state
+    (not on the folder's 32 px while the policy states 48); a different data.input_size is a
+    one-line error."""
+    from mpqkit.engine.config import sync_input_size
+
+    cfg = tiny_cfg(tiny_folder, tmp_path / "fp", epochs=1, max_steps_per_epoch=1, input_size=48)
+    with pytest.raises(ConfigError, match="input_size=48 .* differs from data.input_size=32"):
+        sync_input_size(cfg)
+    cfg.data.input_size = None
+    res = train(cfg)
+    assert load_config(RunConfig, res.run_dir / "config.yaml").data.input_size == 48
+    assert "48px" in (res.run_dir / "log.txt").read_text()
+    ev = evaluate(res.run_dir / "best.safetensors", {"name": f"imagefolder:{tiny_folder}"})
+    assert ev["n"] == 32

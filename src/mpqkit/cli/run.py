@@ -24,7 +24,8 @@ def add_run_args(p: argparse.ArgumentParser, quantized: bool) -> None:
                    help="resnet20, resnet18_cifar, a torchvision name, or package.module:factory")
     p.add_argument("--num-classes", dest="num_classes", type=int, metavar="N")
     p.add_argument("--input-size", dest="input_size", type=int, metavar="PX",
-                   help="input resolution (default: the dataset's native size)")
+                   help="resolution the model trains at and its BitOps are counted at; the "
+                        "images are resized to it (default: the dataset's native size)")
     p.add_argument("--weights", dest="weights", metavar="FILE",
                    help="full-precision weights: a .safetensors or PyTorch state dict (.pth, .pt,"
                         " .bin, .ckpt; read weights-only), 'bundled', or 'torchvision[:NAME]' "

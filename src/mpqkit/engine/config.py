@@ -31,7 +31,9 @@ class RunConfig:
 
     model: str = "resnet20"
     num_classes: int | None = None  # default: the dataset's
-    input_size: int | None = None  # default: the dataset's native size
+    # the resolution the model trains at and its BitOps are counted at (default: the dataset's
+    # native size); the data follow it (see sync_input_size)
+    input_size: int | None = None
     weights: str | None = None  # FP weights: a file, "bundled", or "torchvision[:NAME]"
     weights_map: str | None = None  # key prefix renames of the weights, "OLD=NEW[,OLD=NEW]"
     new_head: bool = False  # leave the classifier at random init (another class count)
@@ -53,6 +55,20 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
+
+
+def sync_input_size(cfg: RunConfig) -> RunConfig:
+    """One resolution for training and for the complexity: ``input_size`` sets the images' size
+    (``data.input_size``) when that is unset; two different values are a one-line error."""
+    size, data_size = cfg.input_size, cfg.data.input_size
+    if size is None or data_size == size:
+        return cfg
+    if data_size is not None:
+        raise ConfigError(f"input_size={size} (the model's resolution, at which BitOps are "
+                          f"counted) differs from data.input_size={data_size} (the size of the "
+                          "training images): give one resolution (--input-size sets both; "
+                          "remove data.input_size from the config)")
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, input_size=size))
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

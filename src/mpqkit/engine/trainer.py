@@ -30,7 +30,7 @@ from mpqkit.engine.checkpoint import (
     check_classes,
     load_checkpoint_model,
 )
-from mpqkit.engine.config import RunConfig, from_dict, to_dict
+from mpqkit.engine.config import RunConfig, from_dict, sync_input_size, to_dict
 from mpqkit.engine.distributed import all_reduce_sum, barrier, resolve_device
 from mpqkit.engine.numerics import check_gradients, describe_state
 from mpqkit.engine.run import EpochStats, LoopState, Run, RunFiles, StepOut, fit, log, resume
@@ -270,6 +270,7 @@ def _build(cfg: RunConfig, data: DataBundle, quantized: bool, device: torch.devi
 def _run(cfg: RunConfig, command: str, quantized: bool) -> RunResult:
     if quantized and not cfg.policy and not cfg.resume:
         resolve_policy(None, nn.Identity(), 0, "", "")  # raises the "needs a policy" error
+    cfg = sync_input_size(cfg)  # train at the resolution the BitOps are stated at
     run, cfg = Run.open(cfg, _files(command), (cfg.model, cfg.data.name))
     torch.manual_seed(cfg.seed)
     t_start = time.time()
@@ -339,9 +340,10 @@ def evaluate(checkpoint: str | Path, data: DataConfig | Mapping[str, Any] | None
     """
     dev = resolve_device(device)
     model, meta = load_checkpoint_model(checkpoint)
-    if not isinstance(data, DataConfig):
-        data = from_dict(DataConfig, {"name": meta.get("dataset", "cifar10"), **(data or {})},
-                         "data")
+    if not isinstance(data, DataConfig):  # unset fields: the dataset and size trained on
+        trained = {"name": meta.get("dataset", "cifar10"), "input_size": meta.get("input_size")}
+        data = from_dict(DataConfig, {**trained, **{k: v for k, v in (data or {}).items()
+                                                    if v is not None}}, "data")
     bundle = build_data(data)
     check_classes(meta, bundle.num_classes, bundle.name, str(checkpoint),
                   "evaluate on the dataset it was trained on")
