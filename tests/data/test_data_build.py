@@ -315,6 +315,19 @@ def test_error_eval_class_unknown(tmp_path: Path) -> None:
     _raises(DataError, "class folders that the train split lacks", _cfg(tmp_path, tmp_path / "c"))
 
 
+def test_eval_split_missing_a_class_is_named(tmp_path: Path, caplog) -> None:
+    make_tree(tmp_path / "cifar10-jpeg", {"a": 2, "b": 2, "c": 2}, eval_per_class=1)
+    for cls in ("b", "c"):
+        for f in (tmp_path / "cifar10-jpeg" / "test" / cls).iterdir():
+            f.unlink()
+        (tmp_path / "cifar10-jpeg" / "test" / cls).rmdir()
+    with caplog.at_level("WARNING", logger="mpqkit"):
+        bundle = build_data(_cfg(tmp_path, tmp_path / "c"))
+    assert bundle.num_classes == 3 and len(bundle.test) == 1
+    msgs = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("no images of 2 of the train split's 3 classes (b, c)" in m for m in msgs), msgs
+
+
 def test_error_corrupt_archive(tmp_path: Path) -> None:
     (tmp_path / "cifar10-jpeg.tar.gz").write_bytes(b"this is not a tar file at all" * 10)
     for in_memory in (None, False):
@@ -342,6 +355,17 @@ def test_error_corrupt_image(tmp_path: Path) -> None:
     bad.write_bytes(b"garbage")
     msg = _raises(DataError, "cannot be decoded", _cfg(tmp_path, tmp_path / "c"))
     assert str(bad) in msg
+
+
+def test_error_corrupt_image_in_archive_names_the_member(tmp_path: Path) -> None:
+    src = make_tree(tmp_path / "src" / "cifar10-jpeg", {"a": 2}, eval_per_class=1)
+    (src / "train" / "a" / "0001.png").write_bytes(b"not a png at all" * 4)
+    data = tmp_path / "data"
+    data.mkdir()
+    _tar(src, data / "cifar10-jpeg.tar.gz", "cifar10-jpeg")
+    msg = _raises(DataError, "cannot be decoded", _cfg(data, tmp_path / "c"))
+    assert "cifar10-jpeg.tar.gz:cifar10-jpeg/train/a/0001.png" in msg
+    assert "BytesIO" not in msg and " at 0x" not in msg
 
 
 def test_error_pickle_folder_incomplete(tmp_path: Path) -> None:
@@ -382,7 +406,8 @@ def test_error_imagefolder_layout(tmp_path: Path) -> None:
     (tmp_path / "t" / "train" / "a").mkdir(parents=True)
     _raises(DataError, "no val/ or test/", DataConfig(name=f"imagefolder:{tmp_path / 't'}"))
     _raises(DataError, "no train/", DataConfig(name=f"imagefolder:{tmp_path}"))
-    _raises(DataError, "needs a path", DataConfig(name="imagefolder:"))
+    msg = _raises(DataError, "needs a path", DataConfig(name="imagefolder:"))
+    assert "--data imagefolder:" in msg and "--dataset" not in msg
 
 
 def test_error_cache_not_writable(cifar_dir: Path, tmp_path: Path) -> None:

@@ -206,8 +206,8 @@ def _probe(paths: list[str]) -> set[tuple[int, int]]:
 def _imagefolder_root(raw: str, cfg: DataConfig) -> Path:
     if not raw.strip():
         raise DataError(
-            "imagefolder: needs a path: pass --dataset imagefolder:/path/to/tree with train/ and "
-            "val/ (or test/) inside"
+            "imagefolder: needs a path: pass --data imagefolder:/path/to/tree (data.name in a "
+            "config file) with train/ and val/ (or test/) inside"
         )
     path = Path(raw.strip()).expanduser()
     if not path.is_absolute() and not path.exists():

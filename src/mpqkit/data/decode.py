@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -25,7 +26,10 @@ _CHUNK = 512
 
 
 def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
+    # PIL names the stream it read ("cannot identify image file <_io.BytesIO object at 0x..>"),
+    # which says nothing: the caller names the file or archive member
+    text = re.sub(r"\s*<_io\.\w+ object at 0x[0-9a-fA-F]+>", "", str(exc))
+    return " ".join(text.split()) or type(exc).__name__
 
 
 def _bad_image(path: str, exc: BaseException) -> DataError:

@@ -238,6 +238,12 @@ def class_index(found: list[str], classes: list[str] | None,
                 f"{where} has class folders that the train split lacks "
                 f"({', '.join(unknown[:5])}): make both splits use the same class folder names"
             )
+        missing = [c for c in classes if c not in set(found)]
+        if missing:
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            log.warning(f"{where} has no images of {len(missing)} of the train split's "
+                        f"{len(classes)} classes ({', '.join(missing[:5])}{more}): its accuracy "
+                        "leaves them out; add their folders for an evaluation of every class")
     return classes, {c: i for i, c in enumerate(classes)}
 
 
