@@ -248,6 +248,14 @@ def section(args: argparse.Namespace, name: str, skip: Sequence[str] = ()) -> di
     return {k[len(head):]: v for k, v in overrides(args, skip).items() if k.startswith(head)}
 
 
+def prints_results() -> bool:
+    """Whether this process prints result lines: a single process, or rank 0 under torchrun
+    (every rank runs the command; the others would repeat the same lines)."""
+    from mpqkit.engine.distributed import world_info
+
+    return world_info().is_main
+
+
 def print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, default=str))
 

@@ -12,6 +12,7 @@ from mpqkit.cli.args import (
     add_run_dir_args,
     overrides,
     print_json,
+    prints_results,
     require,
     section,
 )
@@ -70,6 +71,8 @@ def _run(args: argparse.Namespace, quantized: bool) -> int:
         over = _fold_by_default(args.config, over)
     cfg = load_run_config(RunConfig, args.config, over)
     result = (finetune if quantized else train)(cfg)
+    if not prints_results():
+        return 0
     print(f"result: {result.summary()}")
     print(f"run folder: {result.run_dir}")
     return 0

@@ -22,6 +22,7 @@ from mpqkit.cli.args import (
     number_list,
     overrides,
     print_json,
+    prints_results,
 )
 
 # old flat flag names of mpqkit 0.1 kept as aliases of the ``optim.*`` flags
@@ -97,6 +98,9 @@ def _add_schedule_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--lambda-target", dest="lambda_target", type=float, metavar="X",
                    help="argmax cost lambda aims at, x budget (default: 0.95 with --dual reset, "
                         "1 with inequality, 1 - tol/2 with equality)")
+    s.add_argument("--lambda-kp", dest="lambda_kp", type=float, metavar="K",
+                   help="proportional gain of lambda on the argmax's excess over the target "
+                        "(a PI controller; default 5)")
     s.add_argument("--lambda-on", dest="lambda_on", choices=["argmax", "expected"],
                    help="cost that drives lambda: of the argmax policy (default) or expected")
     s.add_argument("--calib-batches", dest="calib_batches", type=int, metavar="N")
@@ -157,6 +161,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     from mpqkit.search.config import SearchConfig
 
     result = search(load_run_config(SearchConfig, args.config, overrides(args)))
+    if not prints_results():
+        return 0
     if args.json:
         print_json(result.policy.to_dict())
     else:
