@@ -72,7 +72,7 @@ def quantize_train_export(name: str, size: int, tmp_path: Path) -> dict[str, flo
     with torch.no_grad():
         assert torch.isfinite(q(x)).all()
     q.train()
-    opt = torch.optim.SGD([p for p in q.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
+    opt = torch.optim.SGD([p for p in q.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
     losses = []
     for _ in range(2):
         loss = F.cross_entropy(q(x), y)
