@@ -156,11 +156,14 @@ class _MixedLSQTensor(torch.autograd.Function):
         create = torch.is_grad_enabled()  # double backward: differentiable, out-of-place ops
         xf, gf = x.contiguous().view(-1), g.contiguous().view(-1)
         n = xf.numel()
-        block = CPU_BLOCK if (x.device.type == "cpu" and not create) else max(1, n)
         s0 = [s.reshape(()) for s in scales]
         mode = _masks_mode(specs)
         hi = [sp[1] * s0[i] for i, sp in enumerate(specs)]
         lo = [sp[0] * s0[i] for i, sp in enumerate(specs)]
+        if x.device.type == "cpu" and not create:
+            grad_x, a_sum, c_sum = _mixed_backward_cpu(xf, gf, probs, s0, specs, lo, hi, need_x)
+            return _mixed_grads(x, probs, scales, specs, grad_x, a_sum, c_sum, need_p, need_s)
+        block = max(1, n)
         a_parts: list[list[Tensor]] = [[] for _ in range(k)]
         c_parts: list[list[Tensor]] = [[] for _ in range(k)]
         gx_parts: list[Tensor] = []
@@ -208,11 +211,61 @@ class _MixedLSQTensor(torch.autograd.Function):
             grad_x = torch.cat(gx_parts) if len(gx_parts) > 1 else gx_parts[0]
         a_sum = [torch.stack(parts).sum() for parts in a_parts]
         c_sum = [torch.stack(parts).sum() for parts in c_parts]
-        gp = torch.stack([a_sum[i] * s0[i] for i in range(k)]).to(probs.dtype) if need_p else None
-        grad_s = [((a_sum[i] - c_sum[i] / s0[i]) * (probs[i] * specs[i][2])).reshape(
-            scales[i].shape) if need_s[i] else None for i in range(k)]
-        gx = grad_x.view_as(x) if grad_x is not None else None
-        return (gx, gp, None, *grad_s)
+        return _mixed_grads(x, probs, scales, specs, grad_x, a_sum, c_sum, need_p, need_s)
+
+
+def _mixed_grads(x: Tensor, probs: Tensor, scales: Sequence[Tensor], specs: tuple,
+                 grad_x: Tensor | None, a_sum: list[Tensor], c_sum: list[Tensor], need_p: bool,
+                 need_s: Sequence[bool]) -> tuple[Tensor | None, ...]:
+    """The outputs of :meth:`_MixedLSQTensor.backward` from ``a_i = sum(g * q_i)`` and
+    ``c_i = sum(g * x * M_i)``."""
+    s0 = [s.reshape(()) for s in scales]
+    k = len(s0)
+    gp = torch.stack([a_sum[i] * s0[i] for i in range(k)]).to(probs.dtype) if need_p else None
+    grad_s = [((a_sum[i] - c_sum[i] / s0[i]) * (probs[i] * specs[i][2])).reshape(
+        scales[i].shape) if need_s[i] else None for i in range(k)]
+    gx = grad_x.view_as(x) if grad_x is not None else None
+    return (gx, gp, None, *grad_s)
+
+
+def _mixed_backward_cpu(xf: Tensor, gf: Tensor, probs: Tensor, s0: list[Tensor], specs: tuple,
+                        lo: list[Tensor], hi: list[Tensor],
+                        need_x: bool) -> tuple[Tensor | None, list[Tensor], list[Tensor]]:
+    """The CPU backward of :class:`_MixedLSQTensor`, ``CPU_BLOCK`` elements at a time.
+
+    Masks are 0/1 floats written by comparisons into float buffers: bool tensors (``&``,
+    ``masked_fill``, ``.to(dtype)``) cost several times more on CPUs than arithmetic.
+    """
+    k, n, mode = len(s0), xf.numel(), _masks_mode(specs)
+    block = CPU_BLOCK
+    t_buf, m_buf, acc_buf = torch.empty(3, min(block, n), dtype=xf.dtype)
+    a_parts: list[list[Tensor]] = [[] for _ in range(k)]
+    c_parts: list[list[Tensor]] = [[] for _ in range(k)]
+    grad_x = torch.empty_like(xf) if need_x else None
+    for a in range(0, n, block):
+        xb, gb = xf[a:a + block], gf[a:a + block]
+        t, mask, acc = t_buf[:xb.numel()], m_buf[:xb.numel()], acc_buf[:xb.numel()]
+        base = xb.abs() if mode == "symmetric" else xb
+        gxb = gb * (xb.clamp_min(0) if mode == "unsigned" else xb)
+        for i, (qmin, qmax, _gs) in enumerate(specs):
+            torch.div(xb, s0[i], out=t).round_().clamp_(qmin, qmax)
+            a_parts[i].append(torch.dot(gb, t))
+            torch.le(base, hi[i], out=mask)
+            if mode == "general":
+                mask.mul_(torch.ge(xb, lo[i], out=t))
+            c_parts[i].append(torch.dot(gxb, mask))
+            if need_x:
+                if i == 0:
+                    torch.mul(mask, probs[0], out=acc)
+                else:
+                    acc.addcmul_(mask, probs[i])
+        if grad_x is not None:
+            if mode == "unsigned":  # x < 0: below every range
+                acc.mul_(torch.ge(xb, 0, out=mask))
+            torch.mul(gb, acc, out=grad_x[a:a + block])
+    a_sum = [torch.stack(parts).sum() for parts in a_parts]
+    c_sum = [torch.stack(parts).sum() for parts in c_parts]
+    return grad_x, a_sum, c_sum
 
 
 class _MixedLSQChannel(torch.autograd.Function):
@@ -281,7 +334,8 @@ def mix_quantized(x: Tensor, quantizers: Sequence[Quantizer], probs: Tensor) -> 
     """
     for q in quantizers:
         _ensure_ready(q, x)
-    if all(isinstance(q, LSQQuantizer) and q.enabled for q in quantizers):
+    fused = not torch.compiler.is_compiling()  # compiled: the plain sum, which inductor fuses
+    if fused and all(isinstance(q, LSQQuantizer) and q.enabled for q in quantizers):
         p = probs.to(x.dtype)
         scales = [q._scale(x) for q in quantizers]
         if not any(q.per_channel for q in quantizers):
