@@ -44,6 +44,8 @@ def add_run_args(p: argparse.ArgumentParser, quantized: bool) -> None:
     add_run_dir_args(p, "runs/COMMAND/MODEL-DATA-TIME", "continue the interrupted run in --out")
     p.add_argument("--amp", dest="amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast on GPU")
+    p.add_argument("--compile", dest="compile", action=argparse.BooleanOptionalAction,
+                   default=None, help="torch.compile the model for training (after calibration)")
     add_data_args(p)
     add_optim_args(p)
     if quantized:

@@ -150,6 +150,8 @@ def add_search_args(p: argparse.ArgumentParser) -> None:
                      "continue the interrupted search in --out (more --epochs allowed)")
     r.add_argument("--progress", dest="progress", action=argparse.BooleanOptionalAction,
                    default=None, help="progress bars")
+    r.add_argument("--compile", dest="compile", action=argparse.BooleanOptionalAction,
+                   default=None, help="torch.compile the supernet (after calibration)")
     r.add_argument("--json", action="store_true", help="print the policy as JSON")
     add_data_args(p)
     add_method_flags(methods, specs)  # last: a name another flag has becomes --options-NAME

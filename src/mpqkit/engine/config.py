@@ -45,6 +45,7 @@ class RunConfig:
     kd_alpha: float = 0.0  # > 0: distil from the full-precision model (finetune)
     kd_temperature: float = 1.0
     amp: bool = False  # bf16/fp16 autocast on GPU
+    compile: bool = False  # torch.compile the training step's model (after calibration)
     seed: int = 0
     device: str = "auto"
     out: str | None = None

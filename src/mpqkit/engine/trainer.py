@@ -40,6 +40,7 @@ from mpqkit.models import build_model
 from mpqkit.optim.factory import StepSchedule, create_optimizer, param_groups
 from mpqkit.policy import Policy, parse_uniform
 from mpqkit.quant import calibrate, quantize_model
+from mpqkit.quant.quantizers import prepare_for_compile
 
 METRIC_FIELDS = ("epoch", "step", "lr", "train_loss", "train_acc", "eval_loss", "eval_acc",
                  "eval_top5", "epoch_seconds", "images_per_s")
@@ -292,6 +293,8 @@ def _run(cfg: RunConfig, command: str, quantized: bool) -> RunResult:
         barrier()
     if cfg.amp and run.device.type != "cuda":
         log.info("amp: autocast runs on GPUs only; this CPU run uses float32")
+    if cfg.compile:  # after calibration/resume; checkpoints keep saving the plain model
+        task.train_model = torch.compile(prepare_for_compile(task.train_model))
     log.info(f"{command}: {cfg.model} on {data.description}; {cfg.epochs} epoch(s) x {steps} "
              f"steps; optimizer {cfg.optim.describe()}; device {run.device}"
              + (f" x {run.world.world_size} processes" if run.world.enabled else "")

@@ -209,6 +209,18 @@ def prepare_for_compile(model: nn.Module) -> nn.Module:
     return model
 
 
+def compile_in_place(model: nn.Module) -> nn.Module:
+    """:func:`prepare_for_compile`, then ``model.compile()`` (``torch.compile`` of its call, in
+    place: parameter names and the state dict stay the same); returns ``model``.
+
+    Call it after calibration (or loading a checkpoint): the quantizers are then traced with
+    their integer ranges as constants, with no graph break and no recompilation.
+    """
+    prepare_for_compile(model)
+    model.compile()
+    return model
+
+
 def lsq_quantize(x: Tensor, scale: Tensor, qmin: int, qmax: int, grad_scale: float,
                  reduce_dims: tuple[int, ...] = ()) -> Tensor:
     """``clamp(round(x / scale), qmin, qmax) * scale`` with the LSQ gradients.

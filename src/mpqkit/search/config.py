@@ -124,6 +124,7 @@ class SearchConfig:
     overwrite: bool = False
     resume: bool = False
     progress: bool = True
+    compile: bool = False  # torch.compile the supernet (after calibration)
     save_every_min: float = 5.0  # mid-epoch checkpoint period (minutes); 0 = only per epoch
     optim: OptimConfig = field(default_factory=_search_optim)
     data: DataConfig = field(default_factory=_search_data)

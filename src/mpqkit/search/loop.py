@@ -53,6 +53,7 @@ from mpqkit.models import build_model
 from mpqkit.optim.bn import frozen_bn_stats
 from mpqkit.optim.factory import OptimizerSet, StepSchedule, create_optimizer, param_groups
 from mpqkit.policy import Policy
+from mpqkit.quant.quantizers import compile_in_place
 from mpqkit.runio import atomic_write_text
 from mpqkit.search.config import SearchConfig
 from mpqkit.search.context import (
@@ -498,6 +499,8 @@ def _run_supernet(run: Run, ctx: SearchContext, method: SupernetMethod) -> Searc
         x_cal = torch.cat([x for x, _ in ctx.batches(cfg.calib_batches)])
         search.supernet.calibrate(x_cal)
         search.counters.calibration_images += int(x_cal.shape[0])
+    if cfg.compile:  # in place: parameter names (checkpoints) unchanged
+        compile_in_place(search.supernet.net)
     log.info(f"{method.name}: {cfg.epochs} epoch(s) x {steps} steps, batch "
              f"{cfg.data.batch_size}, {'bi-level' if cfg.bilevel else 'single-level'}, "
              f"optimizer {search.optim_cfg.describe()}; lambda by dual ascent on the "
