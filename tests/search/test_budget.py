@@ -143,3 +143,22 @@ def test_budget_in_average_bits():
         parse_budget(bits=1.5, **kw)
     with pytest.raises(ConfigError, match="exactly one budget"):
         parse_budget(bits=3, uniform="w3a3", **kw)
+
+
+def test_repair_changes_as_few_layers_as_the_band_allows():
+    # below the band: one step of the big layer fills it; stepping through the small, least
+    # decided layers first (the greedy order) would change all five
+    infos = _toy([100, 10, 10, 10, 10])
+    start = {n: (2, 2) for n in infos}  # 560 BitOps
+    budget = Budget("bitops", 770, "770")  # band [754.6, 770]: l0 at 3 bits gives 760
+    order = ["l1", "l2", "l3", "l4", "l0"]
+    greedy = _greedy(start, infos, budget, list(C), list(C), list(infos), order, 0.02)
+    assert greedy is not None and sum(greedy[n] != start[n] for n in infos) >= 3
+    out = repair(start, infos, budget, C, C, list(infos), order=order)
+    assert [n for n in infos if out[n] != start[n]] == ["l0"]
+    assert policy_cost(infos, out, "bitops") == 760
+    # between equal counts the least decided layer (first in the order) is the one changed
+    two = _toy([10, 10])
+    out = repair({n: (2, 2) for n in two}, two, Budget("bitops", 122, "122"), C, C, list(two),
+                 order=["l1", "l0"])
+    assert out["l0"] == (2, 2) and out["l1"] != (2, 2)
