@@ -40,8 +40,8 @@ SUPERNET = ("asga", "edmips", "gmpq", "seam")
 # one change at a time against the defaults (2.5 bits); name -> config overrides
 ABLATION: dict[str, dict[str, Any]] = {
     "defaults": {},
-    "dual-inequality": {"dual": "inequality"},
-    "target-0.98": {"lambda_target": 0.98},
+    "kp-5": {"lambda_kp": 5.0},
+    "dual-inequality": {"dual": "inequality", "lambda_kp": 0.0},
     "logits-in-sgd-0.1": {"arch_optimizer": "sgd", "lr_alpha": 0.01},
     "random-init": {"weights": None},
     "warmup-2": {"arch_warmup_epochs": 2},

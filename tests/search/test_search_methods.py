@@ -184,6 +184,18 @@ def test_reset_dual_drops_to_zero_once_the_cost_fits_its_target():
         DualLambda(0.5, lower=None, reset=True)
 
 
+def test_proportional_term_answers_an_excess_at_once_and_resumes():
+    gap = 1.0 / 0.95 - 1
+    pi = DualLambda(0.5, target=0.95, reset=True, kp=5.0)
+    first = pi.update(1.0, 1.0)
+    assert first == pytest.approx(0.5 * gap + 5.0 * gap)  # integral + proportional
+    assert first > 10 * DualLambda(0.5, target=0.95, reset=True).update(1.0, 1.0)
+    again = DualLambda(0.5, target=0.95, reset=True, kp=5.0)
+    again.load_state(pi.state())  # a resumed search continues the integral, not lambda
+    assert again.update(1.0, 1.0) == pytest.approx(pi.update(1.0, 1.0))
+    assert pi.update(0.9, 1.0) == 0.0
+
+
 @pytest.mark.parametrize(("mode", "target", "lower"), [
     ("reset", 0.95, 0.0), ("inequality", 1.0, 0.0), ("equality", 0.99, None)])
 def test_dual_modes_aim_at_their_stated_targets(mode, target, lower):
@@ -191,6 +203,7 @@ def test_dual_modes_aim_at_their_stated_targets(mode, target, lower):
     dual = dual_lambda(cfg)
     assert dual.target == pytest.approx(target) and dual.lower == lower
     assert dual.reset == (mode == "reset")
+    assert dual.kp == (0.0 if mode == "equality" else cfg.lambda_kp)
     assert dual_lambda(SearchConfig(budget_bits=2.5, dual=mode, lambda_target=0.9)).target == 0.9
     with pytest.raises(ConfigError, match="lambda_target"):
         SearchConfig(budget_bits=2.5, lambda_target=1.2)

@@ -100,7 +100,7 @@ def _add_schedule_args(p: argparse.ArgumentParser) -> None:
                         "1 with inequality, 1 - tol/2 with equality)")
     s.add_argument("--lambda-kp", dest="lambda_kp", type=float, metavar="K",
                    help="proportional gain of lambda on the argmax's excess over the target "
-                        "(a PI controller; default 5)")
+                        "(a PI controller; default 0)")
     s.add_argument("--lambda-on", dest="lambda_on", choices=["argmax", "expected"],
                    help="cost that drives lambda: of the argmax policy (default) or expected")
     s.add_argument("--calib-batches", dest="calib_batches", type=int, metavar="N")

@@ -101,16 +101,19 @@ class DualLambda:
     loss moves the logits. ``lower=None`` (the equality ``C = target B``): lambda may turn
     negative and pull the cost up to the target as well. ``reset=True`` (with ``lower=0``):
     lambda drops back to 0 as soon as ``C <= target B``, so a multiplier wound up by an
-    overshoot does not keep pushing the cost far below the target afterwards.
+    overshoot does not keep pushing the cost far below the target afterwards. ``kp > 0`` adds
+    a proportional term, ``lambda = integral + kp * max(0, gap)``: an excess is answered at
+    once instead of after the integral has grown (a PI controller).
     """
 
     def __init__(self, eta: float, value: float = 0.0, *, lower: float | None = 0.0,
-                 target: float = 1.0, reset: bool = False) -> None:
+                 target: float = 1.0, reset: bool = False, kp: float = 0.0) -> None:
         if reset and lower is None:
             raise ValueError("reset needs a lower bound for lambda")
         self.eta, self.lower, self.target = float(eta), lower, float(target)
-        self.reset = reset
-        self.value = self._clamp(float(value))
+        self.reset, self.kp = reset, float(kp)
+        self.integral = self._clamp(float(value))
+        self.value = self.integral
 
     def _clamp(self, v: float) -> float:
         return v if self.lower is None else max(self.lower, v)
@@ -119,10 +122,18 @@ class DualLambda:
         """One step on the constraint gap; returns the new ``lambda``."""
         gap = cost / (self.target * budget) - 1.0
         if self.reset and gap <= 0:
-            self.value = float(self.lower)  # type: ignore[arg-type]
+            self.integral = float(self.lower)  # type: ignore[arg-type]
         else:
-            self.value = self._clamp(self.value + self.eta * gap)
+            self.integral = self._clamp(self.integral + self.eta * gap)
+        self.value = self.integral + self.kp * max(0.0, gap)
         return self.value
+
+    def state(self) -> dict[str, float]:
+        return {"lambda": self.value, "lambda_integral": self.integral}
+
+    def load_state(self, st: Mapping[str, Any]) -> None:
+        self.value = float(st["lambda"])
+        self.integral = float(st.get("lambda_integral", self.value))
 
 
 def dual_lambda(cfg: SearchConfig) -> DualLambda:
@@ -135,8 +146,9 @@ def dual_lambda(cfg: SearchConfig) -> DualLambda:
                           target=1.0 - cfg.tol / 2 if t is None else t)
     if cfg.dual == "reset":
         return DualLambda(cfg.lambda_lr, cfg.lambda_init, target=0.95 if t is None else t,
-                          reset=True)
-    return DualLambda(cfg.lambda_lr, cfg.lambda_init, target=1.0 if t is None else t)
+                          reset=True, kp=cfg.lambda_kp)
+    return DualLambda(cfg.lambda_lr, cfg.lambda_init, target=1.0 if t is None else t,
+                      kp=cfg.lambda_kp)
 
 
 @dataclass
@@ -197,14 +209,14 @@ class SupernetSearch:
 
     # -- state ----------------------------------------------------------------------------------
     def extra_state(self) -> dict[str, Any]:
-        st = {"lambda": self.dual.value, "counters": self.counters.to_dict(),
+        st = {**self.dual.state(), "counters": self.counters.to_dict(),
               "method_counters": self.method.counters()}
         if self.asga is not None:
             st["asga"] = self.asga.state_dict()["sharpness_aware"]
         return st
 
     def load_extra_state(self, ex: Mapping[str, Any]) -> None:
-        self.dual.value = float(ex["lambda"])
+        self.dual.load_state(ex)
         self.counters = _Counters(**ex["counters"])
         if self.asga is not None and ex.get("asga"):
             self.asga.load_state_dict({**self.asga.state_dict(), "sharpness_aware": ex["asga"]})
