@@ -133,11 +133,11 @@ class _MixedLSQTensor(torch.autograd.Function):
         coef = [probs[i] * s0[i] for i in range(len(s0))]
         n = xf.numel()
         block = CPU_BLOCK if x.device.type == "cpu" else max(1, n)
-        for a in range(0, n, block):
-            xb, ob = xf[a:a + block], of[a:a + block]
+        buf = torch.empty(min(block, n), dtype=xf.dtype, device=xf.device)
+        for xb, ob in zip(xf.split(block), of.split(block)):
+            t = buf if xb.numel() == buf.numel() else buf[:xb.numel()]
             for i, (qmin, qmax, _gs) in enumerate(specs):
-                t = torch.div(xb, s0[i])
-                t.round_().clamp_(qmin, qmax)
+                torch.div(xb, s0[i], out=t).round_().clamp_(qmin, qmax)
                 if i == 0:
                     torch.mul(t, coef[0], out=ob)
                 else:
@@ -158,11 +158,11 @@ class _MixedLSQTensor(torch.autograd.Function):
         n = xf.numel()
         s0 = [s.reshape(()) for s in scales]
         mode = _masks_mode(specs)
+        if x.device.type == "cpu" and not create:
+            grad_x, a_sum, c_sum = _mixed_backward_cpu(xf, gf, probs, s0, specs, need_x)
+            return _mixed_grads(x, probs, scales, specs, grad_x, a_sum, c_sum, need_p, need_s)
         hi = [sp[1] * s0[i] for i, sp in enumerate(specs)]
         lo = [sp[0] * s0[i] for i, sp in enumerate(specs)]
-        if x.device.type == "cpu" and not create:
-            grad_x, a_sum, c_sum = _mixed_backward_cpu(xf, gf, probs, s0, specs, lo, hi, need_x)
-            return _mixed_grads(x, probs, scales, specs, grad_x, a_sum, c_sum, need_p, need_s)
         block = max(1, n)
         a_parts: list[list[Tensor]] = [[] for _ in range(k)]
         c_parts: list[list[Tensor]] = [[] for _ in range(k)]
@@ -229,40 +229,36 @@ def _mixed_grads(x: Tensor, probs: Tensor, scales: Sequence[Tensor], specs: tupl
 
 
 def _mixed_backward_cpu(xf: Tensor, gf: Tensor, probs: Tensor, s0: list[Tensor], specs: tuple,
-                        lo: list[Tensor], hi: list[Tensor],
                         need_x: bool) -> tuple[Tensor | None, list[Tensor], list[Tensor]]:
     """The CPU backward of :class:`_MixedLSQTensor`, ``CPU_BLOCK`` elements at a time.
 
-    Masks are 0/1 floats written by comparisons into float buffers: bool tensors (``&``,
-    ``masked_fill``, ``.to(dtype)``) cost several times more on CPUs than arithmetic.
+    Per candidate ``t = x / s_i``, ``c = clamp(t, qmin, qmax)``, ``M_i = (c == t)`` (the range
+    test of the reference quantizer, on ``x / s_i``), ``q_i = round(c)``. Masks are 0/1 floats
+    written by comparisons into float buffers: bool tensors (``&``, ``masked_fill``,
+    ``.to(dtype)``) cost several times more on CPUs than arithmetic.
     """
-    k, n, mode = len(s0), xf.numel(), _masks_mode(specs)
+    k, n = len(s0), xf.numel()
     block = CPU_BLOCK
-    t_buf, m_buf, acc_buf = torch.empty(3, min(block, n), dtype=xf.dtype)
+    bufs = torch.empty(5, min(block, n), dtype=xf.dtype)
     a_parts: list[list[Tensor]] = [[] for _ in range(k)]
     c_parts: list[list[Tensor]] = [[] for _ in range(k)]
     grad_x = torch.empty_like(xf) if need_x else None
-    for a in range(0, n, block):
-        xb, gb = xf[a:a + block], gf[a:a + block]
-        t, mask, acc = t_buf[:xb.numel()], m_buf[:xb.numel()], acc_buf[:xb.numel()]
-        base = xb.abs() if mode == "symmetric" else xb
-        gxb = gb * (xb.clamp_min(0) if mode == "unsigned" else xb)
+    gx_blocks = grad_x.split(block) if grad_x is not None else ()
+    for j, (xb, gb) in enumerate(zip(xf.split(block), gf.split(block))):
+        t, c, mask, acc, gxb = bufs if xb.numel() == bufs.shape[1] else bufs[:, :xb.numel()]
+        torch.mul(gb, xb, out=gxb)
         for i, (qmin, qmax, _gs) in enumerate(specs):
-            torch.div(xb, s0[i], out=t).round_().clamp_(qmin, qmax)
-            a_parts[i].append(torch.dot(gb, t))
-            torch.le(base, hi[i], out=mask)
-            if mode == "general":
-                mask.mul_(torch.ge(xb, lo[i], out=t))
+            torch.div(xb, s0[i], out=t)
+            torch.eq(torch.clamp(t, qmin, qmax, out=c), t, out=mask)
+            a_parts[i].append(torch.dot(gb, c.round_()))
             c_parts[i].append(torch.dot(gxb, mask))
             if need_x:
                 if i == 0:
                     torch.mul(mask, probs[0], out=acc)
                 else:
                     acc.addcmul_(mask, probs[i])
-        if grad_x is not None:
-            if mode == "unsigned":  # x < 0: below every range
-                acc.mul_(torch.ge(xb, 0, out=mask))
-            torch.mul(gb, acc, out=grad_x[a:a + block])
+        if need_x:
+            torch.mul(gb, acc, out=gx_blocks[j])
     a_sum = [torch.stack(parts).sum() for parts in a_parts]
     c_sum = [torch.stack(parts).sum() for parts in c_parts]
     return grad_x, a_sum, c_sum
