@@ -104,3 +104,18 @@ def test_several_runs_give_a_table(tmp_path, policy, capsys):
 def test_not_a_run_folder(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "holds no policy.json" in capsys.readouterr().err
+
+
+def test_several_runs_default_next_to_them_not_in_the_working_folder(tmp_path, policy,
+                                                                      monkeypatch, capsys):
+    runs = tmp_path / "runs"
+    s = _search_run(runs, policy)
+    f = _finetune_run(runs, policy)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    assert main(["report", str(s), str(f)]) == 0
+    assert list(cwd.iterdir()) == []  # nothing in the working folder
+    out = runs / "report"
+    assert (out / "comparison.md").is_file() and (out / "ft-asga" / "accuracy.png").is_file()
+    assert f"wrote {out / 'comparison.md'}" in capsys.readouterr().out

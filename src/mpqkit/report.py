@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -410,11 +411,26 @@ def report_run(run_dir: str | Path, out: str | Path) -> dict[str, Any]:
     return {"summary": summarize_run(run_dir), "files": files}
 
 
+def default_report_dir(run_dirs: Sequence[Path]) -> Path:
+    """Where a report goes without ``--out``: the run folder, or ``report/`` beside several."""
+    if len(run_dirs) == 1:
+        return run_dirs[0]
+    parents = [str(d.absolute().parent) for d in run_dirs]
+    common = Path(os.path.commonpath(parents))
+    try:  # keep it relative when the run folders were given relative to the working folder
+        common = common.relative_to(Path.cwd())
+    except ValueError:
+        pass
+    return common / "report"
+
+
 def make_report(run_dirs: Sequence[str | Path], out: str | Path | None = None) -> dict[str, Any]:
     """Plots of every run folder and the comparison table.
 
-    ``out`` defaults to the run folder itself for one run, else ``./mpqkit-report``; with several
-    runs each run's plots go to ``out/<run name>/``.
+    ``out`` defaults to the run folder itself for one run, else ``report/`` in the folder that
+    holds the run folders (``runs/report`` for ``runs/search runs/qat``: the working folder only
+    when the run folders are in it); with several runs each run's plots go to
+    ``out/<run name>/``.
     """
     dirs = [Path(d) for d in run_dirs]
     if not dirs:
@@ -426,8 +442,7 @@ def make_report(run_dirs: Sequence[str | Path], out: str | Path | None = None) -
         if not any((d / f).is_file() for f in ("policy.json", "search.csv", "metrics.csv")):
             raise ConfigError(f"{d} holds no policy.json, search.csv or metrics.csv: pass a run "
                               "folder written by mpqkit search / finetune / train")
-    base = Path(out) if out is not None else (dirs[0] if len(dirs) == 1 else
-                                              Path("mpqkit-report"))
+    base = Path(out) if out is not None else default_report_dir(dirs)
     runs, seen = [], set()
     for d in dirs:
         name = d.resolve().name or "run"

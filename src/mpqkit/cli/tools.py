@@ -115,6 +115,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="plots and a comparison table of run folders")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--out", default=None, metavar="DIR",
-                   help="output folder (default: the run folder, or ./mpqkit-report for several)")
+                   help="output folder (default: the run folder; for several, report/ in the "
+                        "folder that holds them, e.g. runs/report)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_report)
