@@ -108,3 +108,27 @@ def test_cli_on_a_checkpoint(tiny_folder, tmp_path, capsys):
     assert "surrogate gap" in capsys.readouterr().out
     assert (tmp_path / "out" / "landscape_1d.png").is_file()
     assert json.loads((tmp_path / "out" / "sharpness.json").read_text())["images"] == 4
+
+
+def test_cli_without_out_writes_beside_the_checkpoint(tiny_folder, tmp_path, capsys):
+    from mpqkit.models import build_model
+
+    model = build_model("resnet20", num_classes=4)
+    save_checkpoint(tmp_path / "run" / "best", model, {"model": "resnet20", "num_classes": 4,
+                                                       "input_size": 32,
+                                                       "dataset": "imagefolder"})
+    rc = main(["sharpness", "--checkpoint", str(tmp_path / "run" / "best.safetensors"),
+               "--data", f"imagefolder:{tiny_folder}", "--cache-dir", str(tmp_path / "cache"),
+               "--batches", "1", "--batch-size", "4", "--landscape", "1d", "--points", "3"])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    out = tmp_path / "run" / "sharpness-best"
+    assert f"results go to {out}" in cap.err  # stated before the computation
+    assert (out / "landscape_1d.png").is_file() and (out / "sharpness.json").is_file()
+    assert f"wrote {out / 'sharpness.json'}" in cap.out
+
+
+def test_cli_missing_checkpoint_creates_no_folder(tmp_path, capsys):
+    assert main(["sharpness", "--checkpoint", str(tmp_path / "nope.safetensors")]) != 0
+    assert "does not exist" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 from typing import Any
 
 from mpqkit.cli.args import add_data_args, print_json, section
+from mpqkit.errors import ConfigError
 
 
 def cmd_transfer(args: argparse.Namespace) -> int:
@@ -27,21 +30,41 @@ def cmd_transfer(args: argparse.Namespace) -> int:
     return 0
 
 
+def sharpness_out(checkpoint: str, out: str | None) -> Path:
+    """``--out``, else ``sharpness-<stem>/`` beside the checkpoint; created before measuring.
+
+    Nothing is created for a checkpoint that does not exist (the loader names the problem).
+    """
+    ckpt = Path(checkpoint)
+    path = Path(out) if out else ckpt.with_name(f"sharpness-{ckpt.name.split('.')[0]}")
+    if not (ckpt.is_file() or ckpt.with_suffix(".safetensors").is_file()):
+        return path
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot write the sharpness results to {path} "
+                          f"({exc.strerror or exc}): pass --out DIR to a writable folder") from None
+    return path
+
+
 def cmd_sharpness(args: argparse.Namespace) -> int:
     from mpqkit.sharpness import sharpness_from_checkpoint
 
+    out = sharpness_out(args.checkpoint, args.out)
+    if out.is_dir():  # not for a missing checkpoint
+        print(f"mpqkit sharpness: results go to {out} (sharpness.json"
+              + (f", landscape_{args.landscape}.png" if args.landscape else "") + ")",
+              file=sys.stderr, flush=True)
     res = sharpness_from_checkpoint(args.checkpoint, section(args, "data"), rho=args.rho,
                                     batches=args.batches, batch_size=args.batch_size,
                                     split=args.split, landscape=args.landscape,
                                     points=args.points, span=args.span, seed=args.seed,
-                                    out=args.out, device=args.device)
+                                    out=out, device=args.device)
     if args.json:
         print_json(res)
         return 0
     print(format_sharpness(res))
-    if args.out:
-        print(f"wrote {args.out}/sharpness.json" + (f" and {res['plot']}" if "plot" in res
-                                                      else ""))
+    print(f"wrote {out / 'sharpness.json'}" + (f" and {res['plot']}" if "plot" in res else ""))
     return 0
 
 
@@ -103,7 +126,9 @@ def _add_sharpness(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default=None, metavar="DIR",
-                   help="write sharpness.json and the plot here")
+                   help="write sharpness.json and the plot here (default: "
+                        "sharpness-<checkpoint stem>/ beside the checkpoint, e.g. "
+                        "runs/qat/sharpness-best/)")
     p.add_argument("--json", action="store_true")
     add_data_args(p, train=False)
     p.set_defaults(func=cmd_sharpness)
