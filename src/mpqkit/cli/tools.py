@@ -30,13 +30,19 @@ def cmd_transfer(args: argparse.Namespace) -> int:
     return 0
 
 
+def default_sharpness_dir(checkpoint: str) -> Path:
+    """``sharpness-<stem>/`` beside the checkpoint (``runs/qat/sharpness-best``)."""
+    ckpt = Path(checkpoint)
+    return ckpt.with_name(f"sharpness-{ckpt.name.split('.')[0]}")
+
+
 def sharpness_out(checkpoint: str, out: str | None) -> Path:
-    """``--out``, else ``sharpness-<stem>/`` beside the checkpoint; created before measuring.
+    """``--out``, else :func:`default_sharpness_dir`; created before measuring.
 
     Nothing is created for a checkpoint that does not exist (the loader names the problem).
     """
     ckpt = Path(checkpoint)
-    path = Path(out) if out else ckpt.with_name(f"sharpness-{ckpt.name.split('.')[0]}")
+    path = Path(out) if out else default_sharpness_dir(checkpoint)
     if not (ckpt.is_file() or ckpt.with_suffix(".safetensors").is_file()):
         return path
     try:
