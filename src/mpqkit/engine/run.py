@@ -350,10 +350,14 @@ def _save_last(run: Run, task: Task, state: LoopState,
 
 def _epoch_stats(run: Run, state: LoopState, seconds: float, seen: int,
                  f: float) -> EpochStats:
-    s = state.sums
+    s, extras = state.sums, state.extra_means()
     tl, tc, tn = all_reduce_sum([s["loss"], s["correct"], s["n"]], run.device)
+    if run.world.enabled and extras:  # the mean over ranks (each rank's mean of its batches)
+        names = sorted(extras)
+        sums = all_reduce_sum([extras[k] for k in names], run.device)
+        extras = {k: v / run.world.world_size for k, v in zip(names, sums, strict=True)}
     return EpochStats(state.epoch + 1, tl / max(tn, 1), 100 * tc / max(tn, 1),
-                      state.extra_means(), seconds, seen * run.world.world_size, f)
+                      extras, seconds, seen * run.world.world_size, f)
 
 
 def _end_epoch(run: Run, task: Task, state: LoopState, stats: EpochStats,
