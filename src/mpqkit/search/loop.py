@@ -19,11 +19,21 @@ A run folder holds ``config.yaml``, ``policy.json``, ``search.csv`` (per epoch),
 (per-epoch softmax of every layer's logits), ``log.txt`` and ``last.safetensors``/``last.json``
 (the supernet, optimizer, lambda and counters, every epoch and every ``save_every_min``
 minutes: ``resume=True`` continues a killed search from there).
+
+Under ``torchrun`` (supernet methods; the policy methods run in one process) every rank takes a
+disjoint share of every batch (``--batch-size`` is per process, as in training), calibrates on
+the same global batches, averages the gradients of the weights and the logits after every
+backward (:func:`mpqkit.engine.distributed.average_gradients`; ASGA's wrapper averages its own
+pass-1 gradients and losses), and normalizes with the global batch's BatchNorm statistics
+(:func:`~mpqkit.engine.distributed.synced_batchnorm`): the logits, hence lambda, stay identical
+on every rank, and N processes with batch B search as one process with batch N * B (up to
+rounding). Only rank 0 prints and writes; a resume needs the same number of processes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import time
 from collections.abc import Iterator, Mapping
@@ -37,6 +47,12 @@ from mpqkit.complexity import policy_cost
 from mpqkit.data import make_loader
 from mpqkit.engine.checkpoint import load_model_state, register_checkpoint_builder
 from mpqkit.engine.config import from_dict, to_dict
+from mpqkit.engine.distributed import (
+    average_gradients,
+    broadcast_module,
+    synced_batchnorm,
+    world_info,
+)
 from mpqkit.engine.run import (
     EpochStats,
     LoopState,
@@ -76,7 +92,7 @@ FILES = RunFiles("search", "search.csv", CSV_FIELDS,
                             "last.json", "policy.json", "config.yaml", "hawq_traces.json",
                             "hawq_sensitivity.json"),
                  subdirs=("teacher", "fp"), resume_file="config.yaml",
-                 keep_on_resume=("device", "progress", "epochs"), distributed=False)
+                 keep_on_resume=("device", "progress", "epochs"))
 
 
 def supernet_from_checkpoint(tensors: Mapping[str, Tensor], meta: Mapping[str, Any],
@@ -206,6 +222,7 @@ class SupernetSearch:
         self.counters = _Counters()
         self._arch = self.supernet.arch_parameters()
         self._weights = self.supernet.weight_parameters()
+        self.world_size = world_info().world_size
 
     # -- state ----------------------------------------------------------------------------------
     def extra_state(self) -> dict[str, Any]:
@@ -243,7 +260,7 @@ class SupernetSearch:
     def _count(self, passes: int, n: int) -> None:
         self.counters.forward_passes += passes
         self.counters.backward_passes += passes
-        self.counters.images_processed += passes * n
+        self.counters.images_processed += passes * n * self.world_size
 
     def _weight_step(self, x: Tensor, y: Tensor,
                      penalty: bool) -> tuple[Tensor, Tensor, dict[str, float], float]:
@@ -253,6 +270,7 @@ class SupernetSearch:
         if sharp is None:
             loss, logits, extras = method.loss(ctx, sn, x, y)
             loss.backward()
+            average_gradients(sn.parameters())
             cost = self._penalty() if penalty else self._cost()
             self.base.step()
             self._arch_update()
@@ -267,6 +285,7 @@ class SupernetSearch:
             with sharp.second_pass(sn):
                 loss_adv, _, _ = method.loss(ctx, sn, x, y)
                 loss_adv.backward()
+            average_gradients(sn.parameters())  # pass 2 (the wrapper averages pass 1)
         except BaseException:
             sharp.cancel_step()
             raise
@@ -288,6 +307,7 @@ class SupernetSearch:
         """Pass-1 gradients of the logits when they have their own optimizer (then cleared)."""
         if self.arch_opt is None:
             return None
+        average_gradients(self._arch)  # outside the wrapper, which averages its own
         grads = [p.grad for p in self._arch]
         for p in self._arch:
             p.grad = None
@@ -310,6 +330,7 @@ class SupernetSearch:
             with frozen_bn_stats(sn):
                 loss, _, _ = self.method.loss(self.ctx, sn, x, y)
             loss.backward()
+            average_gradients(self._arch)
             cost = self._penalty()
             self.base.step()
             self._arch_update()
@@ -441,6 +462,8 @@ class _SearchTask:
 
     def _write_alpha(self, epoch: int) -> None:
         self.alpha_log.append({"epoch": epoch, "layers": self.search.supernet.alpha_probs()})
+        if not self.run.is_main:
+            return
         atomic_write_text(self.run.dir / "alpha.json", json.dumps(
             {"w_candidates": list(self.ctx.w_candidates),
              "a_candidates": list(self.ctx.a_candidates), "epochs": self.alpha_log},
@@ -468,9 +491,16 @@ class _SearchTask:
     def extra_state(self) -> dict[str, Any]:
         if self._t0 is not None:  # mid-epoch too: the time of a partial epoch counts
             self.search.counters.seconds = self._seconds_before + (time.time() - self._t0)
-        return self.search.extra_state()
+        world = self.search.world_size
+        return {**self.search.extra_state(), **({"world_size": world} if world > 1 else {})}
 
     def load_extra_state(self, ex: Mapping[str, Any]) -> None:
+        saved, world = int(ex.get("world_size", 1)), self.search.world_size
+        if saved != world:  # the batches of an epoch (per process) depend on the world size
+            raise ConfigError(f"{self.run.dir} was searched by {saved} process(es), this resume "
+                              f"runs {world}: resume it with torchrun --nproc_per_node={saved}"
+                              if saved > 1 else f"{self.run.dir} was searched by one process, "
+                              f"this resume runs {world}: resume it without torchrun")
         self.search.load_extra_state(ex)
 
 
@@ -500,25 +530,40 @@ def _start(run: Run, ctx: SearchContext, search: SupernetSearch, steps: int
     return task, state, resumed
 
 
-def _run_supernet(run: Run, ctx: SearchContext, method: SupernetMethod) -> SearchResult:
+def _calibration_batch(ctx: SearchContext, world_size: int) -> Tensor:
+    """The first ``calib_batches`` global batches of epoch 0: the same images on every rank,
+    those one process with batch ``world_size * batch_size`` calibrates on."""
     cfg = ctx.cfg
+    if world_size == 1:
+        return torch.cat([x for x, _ in ctx.batches(cfg.calib_batches)])
+    loader = make_loader(ctx.data.train, cfg.data.batch_size * world_size, train=True,
+                         seed=cfg.seed, epoch=0, workers=cfg.data.workers, rank=0, world_size=1)
+    xs = [x for x, _ in itertools.islice(loader, cfg.calib_batches)]
+    return torch.cat(xs).to(ctx.device)
+
+
+def _run_supernet(run: Run, ctx: SearchContext, method: SupernetMethod) -> SearchResult:
+    cfg, world = ctx.cfg, run.world.world_size
     search = SupernetSearch(ctx, method)
     steps = _steps_per_epoch(ctx)
     task, state, resumed = _start(run, ctx, search, steps)
     method_prov = method.setup(ctx, search.supernet)
-    setup_logging(run.dir, True)  # a method may have run another job (e.g. a teacher)
+    setup_logging(run.dir, run.is_main)  # a method may have run another job (e.g. a teacher)
     if not resumed:
-        x_cal = torch.cat([x for x, _ in ctx.batches(cfg.calib_batches)])
+        x_cal = _calibration_batch(ctx, world)
         search.supernet.calibrate(x_cal)
         search.counters.calibration_images += int(x_cal.shape[0])
+    broadcast_module(search.supernet)  # every rank starts from rank 0's state (a guard)
     if cfg.compile:  # in place: parameter names (checkpoints) unchanged
         compile_in_place(search.supernet.net)
     log.info(f"{method.name}: {cfg.epochs} epoch(s) x {steps} steps, batch "
-             f"{cfg.data.batch_size}, {'bi-level' if cfg.bilevel else 'single-level'}, "
+             f"{cfg.data.batch_size}" + (f" x {world} processes" if world > 1 else "")
+             + f", {'bi-level' if cfg.bilevel else 'single-level'}, "
              f"optimizer {search.optim_cfg.describe()}; lambda by dual ascent on the "
              f"{cfg.lambda_on} cost (eta {cfg.lambda_lr})")
-    history = fit(run, task, state, epochs=cfg.epochs, steps_per_epoch=steps,
-                  save_every_min=cfg.save_every_min, progress=cfg.progress)
+    with synced_batchnorm(search.supernet):  # the global batch's statistics under torchrun
+        history = fit(run, task, state, epochs=cfg.epochs, steps_per_epoch=steps,
+                      save_every_min=cfg.save_every_min, progress=cfg.progress)
     sn, counters = search.supernet, search.counters
     argmax, decided = sn.argmax_bits(), sn.decidedness()
     final, repair_rec = ctx.repair(argmax, sorted(decided, key=lambda n: decided[n]))
@@ -530,6 +575,8 @@ def _run_supernet(run: Run, ctx: SearchContext, method: SupernetMethod) -> Searc
                      "seconds": round(counters.seconds, 3)},
         optimizer={**search.optim_cfg.record(), "arch_optimizer": cfg.arch_optimizer,
                    "lr_alpha": cfg.lr_alpha, "batch_size": cfg.data.batch_size,
+                   **({"processes": world, "global_batch_size": world * cfg.data.batch_size}
+                      if world > 1 else {}),
                    **({"arch_betas": cfg.arch_betas} if cfg.arch_optimizer == "adam" else {})},
         dual={"eta": cfg.lambda_lr, "on": cfg.lambda_on, "constraint": cfg.dual,
               "target": search.dual.target, "lambda_final": search.dual.value},
@@ -537,7 +584,8 @@ def _run_supernet(run: Run, ctx: SearchContext, method: SupernetMethod) -> Searc
         argmax_bits={n: list(b) for n, b in argmax.items()}, repair=repair_rec,
         details={"decision": sn.decision_stats(), **method_prov})
     policy = sn.policy(final, provenance=prov.to_dict(), budget=ctx.budget.to_dict())
-    policy.save(run.dir / "policy.json")
+    if run.is_main:
+        policy.save(run.dir / "policy.json")
     return SearchResult(policy, run.dir, cfg.method, ctx.budget, counters.seconds, history,
                         argmax, repair_rec["changed_layers"])
 
@@ -572,7 +620,10 @@ def search(cfg: SearchConfig) -> SearchResult:
     With ``cfg.resume`` the run folder's ``config.yaml`` is authoritative (``epochs``,
     ``device`` and ``progress`` may change).
     """
-    get_method(cfg.method)  # an unknown method fails before the run folder is touched
+    spec = get_method(cfg.method)  # an unknown method fails before the run folder is touched
+    if not spec.is_supernet and world_info().enabled:
+        raise ConfigError(f"mpqkit search --method {cfg.method} runs in one process: launch it "
+                          "without torchrun (asga, edmips, gmpq and seam run on several)")
     run, cfg = Run.open(cfg, FILES, (cfg.method, cfg.model, cfg.data.name))
     spec = get_method(cfg.method)
     cfg.method_options()  # resolved, so that config.yaml records the method's options
