@@ -120,13 +120,21 @@ class _LSQFunction(torch.autograd.Function):
 LSQ_CPU_BLOCK = 1 << 18
 
 
+def cpu_block(per_thread: int) -> int:
+    """Block size of a blocked CPU kernel: ``per_thread`` elements per intra-op thread, so that
+    each thread's share stays in its core's cache and the parallel regions (one per operation
+    and block: costly when a core is shared) are as few as the threads allow."""
+    return per_thread * max(1, torch.get_num_threads())
+
+
 class _LSQTensorCPU(torch.autograd.Function):
     """:class:`_LSQFunction` with a per-tensor step, float32 on CPU, block by block.
 
-    Forward, per block of ``LSQ_CPU_BLOCK`` elements: ``y = round(clamp(x / s, qmin, qmax)) * s``
-    (the input read and the output written once, the temporaries in cache). Backward, per block,
-    with ``t = x / s``, ``q = round(clamp(t, qmin, qmax))`` and ``m = (clamp(t) == t)`` the
-    in-range mask as 0/1 floats (comparisons into bool tensors, ``where`` and ``masked_fill`` are
+    Forward, per block of ``LSQ_CPU_BLOCK`` elements per thread:
+    ``y = round(clamp(x / s, qmin, qmax)) * s`` (the input read and the output written once, the
+    temporaries in cache). Backward, per block, with ``t = x / s``,
+    ``q = round(clamp(t, qmin, qmax))`` and ``m = (clamp(t) == t)`` the in-range mask as 0/1
+    floats (comparisons into bool tensors, ``where`` and ``masked_fill`` are
     several times slower on CPU than arithmetic)::
 
         grad_x = g * m
@@ -144,13 +152,13 @@ class _LSQTensorCPU(torch.autograd.Function):
         s = scale.reshape(())
         out = torch.empty_like(x)
         xf, of = x.view(-1), out.view(-1)
-        buf = torch.empty(min(LSQ_CPU_BLOCK, xf.numel()), dtype=x.dtype)
+        block = cpu_block(LSQ_CPU_BLOCK)
+        buf = torch.empty(min(block, xf.numel()), dtype=x.dtype)
         sums = []
-        for a in range(0, xf.numel(), LSQ_CPU_BLOCK):
-            xb = xf[a:a + LSQ_CPU_BLOCK]
+        for xb, ob in zip(xf.split(block), of.split(block)):
             t = torch.div(xb, s, out=buf[:xb.numel()])
             sums.append(t.sum())  # finite unless x holds NaN/inf (or overflows: same path)
-            torch.mul(t.clamp_(qmin, qmax).round_(), s, out=of[a:a + LSQ_CPU_BLOCK])
+            torch.mul(t.clamp_(qmin, qmax).round_(), s, out=ob)
         if sums and not bool(torch.stack(sums).sum().isfinite()):
             out = keep_nonfinite(out, x)
         ctx.save_for_backward(x, scale)
@@ -178,15 +186,14 @@ def _lsq_cpu_blocks(x: Tensor, g: Tensor, s: Tensor, qmin: int,
     """``(g * m, sum(g * (q - x/s * m)))`` block by block; None if a value is not finite."""
     grad_x = torch.empty_like(x)
     xf, gf, of = x.view(-1), g.view(-1), grad_x.view(-1)
-    block = LSQ_CPU_BLOCK
+    block = cpu_block(LSQ_CPU_BLOCK)
     bufs = torch.empty(3, min(block, xf.numel()), dtype=x.dtype)
     parts = []
-    for a in range(0, xf.numel(), block):
-        gb = gf[a:a + block]
-        t, c, m = (buf[:gb.numel()] for buf in bufs)
-        torch.div(xf[a:a + block], s, out=t)
+    for xb, gb, ob in zip(xf.split(block), gf.split(block), of.split(block)):
+        t, c, m = bufs if xb.numel() == bufs.shape[1] else bufs[:, :xb.numel()]
+        torch.div(xb, s, out=t)
         torch.eq(torch.clamp(t, qmin, qmax, out=c), t, out=m)
-        torch.mul(gb, m, out=of[a:a + block])
+        torch.mul(gb, m, out=ob)
         e = c.round_().addcmul_(t, m, value=-1)  # q - x/s inside the range, q outside
         parts.append(e.mul_(gb).sum())  # a cascade sum: as accurate as the reference's
     total = torch.stack(parts).sum() if parts else s.new_zeros(())

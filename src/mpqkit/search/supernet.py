@@ -45,6 +45,7 @@ from mpqkit.quant.quantizers import (
     LSQQuantizer,
     Quantizer,
     check_bits,
+    cpu_block,
     make_act_quantizer,
     make_weight_quantizer,
 )
@@ -132,7 +133,7 @@ class _MixedLSQTensor(torch.autograd.Function):
         s0 = [s.reshape(()) for s in scales]
         coef = [probs[i] * s0[i] for i in range(len(s0))]
         n = xf.numel()
-        block = CPU_BLOCK if x.device.type == "cpu" else max(1, n)
+        block = cpu_block(CPU_BLOCK) if x.device.type == "cpu" else max(1, n)
         buf = torch.empty(min(block, n), dtype=xf.dtype, device=xf.device)
         for xb, ob in zip(xf.split(block), of.split(block)):
             t = buf if xb.numel() == buf.numel() else buf[:xb.numel()]
@@ -238,7 +239,7 @@ def _mixed_backward_cpu(xf: Tensor, gf: Tensor, probs: Tensor, s0: list[Tensor],
     ``.to(dtype)``) cost several times more on CPUs than arithmetic.
     """
     k, n = len(s0), xf.numel()
-    block = CPU_BLOCK
+    block = cpu_block(CPU_BLOCK)
     bufs = torch.empty(5, min(block, n), dtype=xf.dtype)
     a_parts: list[list[Tensor]] = [[] for _ in range(k)]
     c_parts: list[list[Tensor]] = [[] for _ in range(k)]
