@@ -164,3 +164,15 @@ def test_finetune_folds_by_default(flag: list[str], expected: bool) -> None:
 
     args = build_parser().parse_args(["finetune", *flag])
     assert _fold_by_default(None, overrides(args))["quant.fold_bn"] is expected
+
+
+def test_every_trainable_parameter_of_a_folded_model_gets_a_gradient():
+    # DDP (finetune under torchrun) stops on a trainable parameter without a gradient: the
+    # pass-through output quantizers of convolutions that feed a quantized layer must not train
+    m = build_model("resnet20", num_classes=10)
+    q = quantize_model(m, Policy.uniform(m, 4, 4, 32, first_last="8bit", model_name="resnet20"),
+                       QuantConfig(fold_bn=True))
+    q.train()
+    q(torch.randn(4, 3, 32, 32)).sum().backward()
+    missing = [n for n, p in q.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, missing

@@ -171,6 +171,8 @@ class QConvBn2d(QConv2d):
         q.bn = bn
         q.oq = make_act_quantizer(config.act_method,
                                   OUTPUT_BITS if out_quant else FULL_PRECISION, None)
+        if not out_quant:  # a pass-through: its step size trains nothing (and DDP would
+            q.oq.requires_grad_(False)  # stop on a parameter without a gradient)
         return q
 
     def folded(self) -> tuple[Tensor, Tensor]:
