@@ -81,3 +81,16 @@ def test_supernet_traces_in_one_graph_after_prepare():
             F.cross_entropy(compiled(x), torch.arange(4)).backward()
     assert all(p.grad is not None for p in sn.arch_parameters())
     dynamo.reset()
+
+
+def test_compile_in_place_keeps_parameter_names():
+    """``--compile`` compiles the supernet in place: checkpoints keep their keys."""
+    from mpqkit.quant.quantizers import compile_in_place
+
+    sn = build_supernet(_Tiny(), 8)
+    sn.calibrate(torch.randn(2, 3, 8, 8))
+    keys = list(sn.state_dict())
+    compile_in_place(sn.net)
+    assert list(sn.state_dict()) == keys
+    assert all(q._signed_value is not None for q in sn.modules()
+               if hasattr(q, "_signed_value") and q.enabled)
