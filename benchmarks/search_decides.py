@@ -140,9 +140,16 @@ def main() -> None:
         r = run_cell(cell, args)
         print(f"{r['name']}: argmax {r['argmax_ratio']:.3f} x budget, {r['layers_repaired']} "
               f"repaired, top-1 p {r['top1_prob']:.3f} ({time.time() - t0:.0f}s)", flush=True)
-        # every finished cell of the profile (another process may run the others)
-        results = [summarize(Path(args.out) / c["name"], c) for c in cells(args.profile)
-                   if (Path(args.out) / c["name"] / "policy.json").is_file()]
+        write_finished(args)
+    write_finished(args)
+
+
+def write_finished(args: argparse.Namespace) -> None:
+    """The results files of every finished cell of the profile (another process may run the
+    others; ``--only none`` only rewrites them)."""
+    results = [summarize(Path(args.out) / c["name"], c) for c in cells(args.profile)
+               if (Path(args.out) / c["name"] / "policy.json").is_file()]
+    if results:
         write(results, args, f"decide_resnet20_{args.profile}")
 
 
