@@ -153,7 +153,8 @@ def test_family_every_step(family, name, size, tmp_path, search_folder, caplog):
 
 
 @pytest.mark.parametrize("name", TIMM)
-def test_timm_every_step(name, tmp_path, caplog):
+def test_timm_every_step(name, tmp_path, search_folder, caplog):
     pytest.importorskip("timm")
     quantize_train_export(f"timm:{name}", 32, tmp_path)
     hawq_sensitivities(name, f"timm:{name}", 32, caplog)
+    one_step_search(f"timm:{name}", 32, search_folder, tmp_path / "search")

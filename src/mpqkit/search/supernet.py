@@ -40,7 +40,8 @@ from mpqkit.complexity import FP, MB, LayerInfo, normalize_input_size, profile_m
 from mpqkit.errors import ConfigError, ModelError
 from mpqkit.optim.bn import frozen_bn_stats
 from mpqkit.policy import FIRST_LAST_MODES, Policy, first_last_bits, first_last_layers
-from mpqkit.quant.layers import QuantConfig, QuantMixin, qlayer_for, quantizable_layers
+from mpqkit.quant.convert import quantized_class
+from mpqkit.quant.layers import QuantConfig, QuantMixin, quantizable_layers
 from mpqkit.quant.quantizers import (
     LSQQuantizer,
     Quantizer,
@@ -685,9 +686,7 @@ def build_supernet(model: nn.Module, input_size: int | tuple[int, int], *,
         if isinstance(mod, QuantMixin):
             mod = mod.to_float()
         if name in fixed_bits:
-            qcls = qlayer_for(mod)
-            if qcls is None:
-                raise ModelError(f"layer {name!r} ({type(mod).__name__}) cannot be quantized")
+            qcls = quantized_class(name, mod)  # as quantize_model: timm's Linear, ...
             w, a = fixed_bits[name]
             new = qcls.from_float(mod, w, a, config)
             for q in (new.wq, new.aq):  # full-precision quantizers have unused parameters
