@@ -13,8 +13,9 @@ Budget targeting (no hand-tuned penalty weight): the loss is ``task + lambda * C
 and ``lambda`` follows a dual (Lagrange) ascent every step on the argmax policy's cost C
 (:func:`dual_lambda`): by default ``lambda <- max(0, lambda + eta * (C / (0.95 B) - 1))``,
 back to 0 as soon as ``C <= 0.95 B`` (``dual="reset"``); ``dual="inequality"`` aims at ``B``
-without the reset, ``dual="equality"`` at ``(1 - tol/2) B`` with lambda free. The argmax policy is finally repaired into
-``[(1 - tol) B, B]`` by :func:`mpqkit.search.budget.repair`, least decided layers first.
+without the reset, ``dual="equality"`` at ``(1 - tol/2) B`` with lambda free. The argmax
+policy is finally repaired into ``[(1 - tol) B, B]`` by :func:`mpqkit.search.budget.repair`,
+changing as few layers as it can, least decided layers first.
 
 A run folder holds ``config.yaml``, ``policy.json``, ``search.csv`` (per epoch), ``alpha.json``
 (per-epoch softmax of every layer's logits), ``log.txt`` and ``last.safetensors``/``last.json``
