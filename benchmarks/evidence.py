@@ -326,6 +326,7 @@ def run_finetune(src: Source, bits: float, target: str, seed: int, args: argpars
             raise RuntimeError(f"fine-tune {run_dir} finished without a last-epoch top-1")
     res = {"policy": src.name, "budget_bits": bits, "target": target, "seed": seed, **got,
            "cell_seconds": round(time.time() - t0, 1),
+           "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
            "complexity": Policy.load(tpath).complexity().to_dict()}
     (cell / "result.json").write_text(json.dumps(res, indent=1) + "\n")
     return res
