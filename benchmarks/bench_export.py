@@ -16,7 +16,8 @@ Latency: onnxruntime CPU, ``--threads`` intra-op threads, all graph optimisation
 are run interleaved (one run of each in turn, ``--runs`` rounds after ``--warmup``), medians per
 image at each batch size, and their ratio to ``float``. The kernels that ran are the node types
 of the optimized graph (``SessionOptions.optimized_model_filepath``). Agreement with PyTorch on
-random inputs is reported for the mpqkit variants. Run:
+random inputs is reported for the mpqkit variants (against the model the export computes,
+:func:`~mpqkit.export.deploy.export_reference`: with the residual quantizers). Run:
 
     python benchmarks/bench_export.py --out benchmarks/results/bench_export.json
     python benchmarks/bench_export.py --models resnet20 --runs 30
@@ -39,6 +40,7 @@ import torch
 from benchenv import report_environment, write_json
 from mpqkit import Policy, build_model, calibrate, quantize_model
 from mpqkit.engine.config import to_dict
+from mpqkit.export.deploy import export_reference
 from mpqkit.export.onnx_export import export_onnx
 from mpqkit.export.verify import make_session, verify_onnx
 from mpqkit.policy import parse_uniform
@@ -132,7 +134,7 @@ def bench_model(name: str, args: argparse.Namespace, work: Path) -> dict[str, An
     export_onnx(unfolded, paths["mpqkit_unfolded"], input_size=size, meta=meta)
     torch.manual_seed(1)
     loader = [(torch.randn(8, 3, size, size), None) for _ in range(2)]
-    agree = {k: verify_onnx(m, paths[k], loader, threads=args.threads)
+    agree = {k: verify_onnx(export_reference(m), paths[k], loader, threads=args.threads)
              for k, m in (("mpqkit", folded), ("mpqkit_unfolded", unfolded))}
     res: dict[str, Any] = {"input_size": size, "policy": Policy.from_dict(meta["policy"])
                            .describe(), "kernels": {k: kernels(p, args.threads)

@@ -21,7 +21,17 @@ Graph conventions (a quantized layer ``L`` = ``QConv2d``/``QLinear``):
   of :mod:`mpqkit.export.deploy`), so a layer is ``DequantizeLinear -> Conv(bias) -> [Relu] ->
   QuantizeLinear``, which onnxruntime runs as ``QLinearConv``; a folded convolution trained with
   an output quantizer (``oq``, :mod:`mpqkit.quant.fold`) ends in its own
-  ``QuantizeLinear/DequantizeLinear`` (``out_type``, ``out_range`` in the layer summary).
+  ``QuantizeLinear/DequantizeLinear`` (``out_type``, ``out_range`` in the layer summary); an
+  8-bit signed output is written as uint8 with zero point 128 (the same integers + 128), the
+  form onnxruntime's integer kernels take.
+* residual adds (``residual_quant``, default): an add of two quantized values gets an 8-bit
+  residual quantizer on what it feeds to non-quantized consumers (:mod:`mpqkit.export.deploy`),
+  so that onnxruntime runs it as ``QLinearAdd``; it changes the function by one rounding to
+  1/255 of the add's range, and :func:`~mpqkit.export.deploy.export_reference` (what
+  :func:`export_checkpoint` returns for ``--verify``) includes it.
+* exact rewrites (:mod:`mpqkit.export.qdq_rewrite`): a ReLU after a DequantizeLinear becomes an
+  integer Clip, slicing / zero padding / max pooling run on the integers, and an add read by
+  several QuantizeLinear nodes is written once per reader, so that onnxruntime fuses them.
 
 Integer types (``int_types``), checked with onnxruntime 1.31 on CPU:
 
@@ -84,6 +94,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from mpqkit.errors import CheckpointError, ConfigError, MpqkitError
 from mpqkit.export import DEFAULT_OPSET, INT_TYPES, ExportError
 from mpqkit.export.packed import check_calibrated, pack_bits, weight_integers
+from mpqkit.export.qdq_rewrite import integer_kernel_form
 from mpqkit.quant.fold import QConvBn2d
 from mpqkit.quant.layers import QuantMixin, quantizable_layers
 from mpqkit.quant.quantizers import FULL_PRECISION, Quantizer
@@ -304,6 +315,7 @@ class _Converter:
         self.meta: dict[str, Any] = {}
         self.batch: _Dyn | None = None
         self.layer_info: dict[str, Any] = {}
+        self.residual: list[dict[str, Any]] = []
 
     # -- naming and emission ---------------------------------------------------------------------
     def uniq(self, base: str) -> str:
@@ -517,17 +529,23 @@ class _Converter:
         if scale.numel() != 1:
             raise _Unsupported("a per-channel activation scale")
         t, clip = self.act_type(aq.bits, qmin, qmax)
+        zero = 0
+        if role != "input" and t.name == "int8" and not clip:
+            # an 8-bit signed output: uint8 with zero point 128 holds the same integers + 128
+            # and is the form onnxruntime's integer kernels (QLinearConv/QLinearAdd) take
+            t, zero = QTYPES["uint8"], 128
         s = self.init(f"{lname}.{role}_scale", np.array(scale.detach().float().reshape(()).item(),
                                                          dtype=np.float32))
-        zp = self.int_init(f"{lname}.{role}_zero_point", np.zeros((), np.int64), t)
+        zp = self.int_init(f"{lname}.{role}_zero_point", np.array(zero, np.int64), t)
         q = self.op("QuantizeLinear", [x, s, zp], name=f"{lname}/{role}_quant")
         if clip:
             lo = self.int_init(f"{lname}.{role}_min", np.array(qmin), t)
             hi = self.int_init(f"{lname}.{role}_max", np.array(qmax), t)
             q = self.op("Clip", [q, lo, hi], name=f"{lname}/{role}_clip")
-        key = "a" if role == "input" else "out"
-        self.layer_info[f"{key}_type"] = t.name
-        self.layer_info[f"{key}_range"] = [qmin, qmax]
+        if role in ("input", "output"):  # a layer's quantizer: recorded in its summary
+            key = "a" if role == "input" else "out"
+            self.layer_info[f"{key}_type"] = t.name + (f" (zero point {zero})" if zero else "")
+            self.layer_info[f"{key}_range"] = [qmin, qmax]
         return self.op("DequantizeLinear", [q, s, zp], name=f"{lname}/{role}_dequant")
 
     def weight_dq(self, lname: str, mod: QuantMixin) -> str:
@@ -565,6 +583,16 @@ class _Converter:
         if not self.fp and isinstance(oq, Quantizer) and oq.enabled:
             y = self.act_qdq(lname, oq, y, role="output")
         return y
+
+    @_handles_module(Quantizer)
+    def quantizer(self, lname: str, mod: Quantizer, node: fx.Node, x: str) -> str:
+        """A quantizer on its own (a residual quantizer of :mod:`mpqkit.export.deploy`)."""
+        if self.fp or not mod.enabled:
+            return x
+        scale, qmin, qmax = mod.qparams(None)
+        self.residual.append({"name": lname, "bits": mod.bits, "range": [qmin, qmax],
+                              "scale": float(scale.reshape(-1)[0])})
+        return self.act_qdq(lname, mod, x, role="residual")
 
     def float_layer(self, lname: str, mod: nn.Module, node: fx.Node, x: str, w: str) -> str:
         b = self.init(f"{lname}.bias", _np(mod.bias)) if mod.bias is not None else None
@@ -1167,7 +1195,7 @@ def _policy_json(model: nn.Module, meta: Mapping[str, Any] | None,
 def export_onnx(model: nn.Module, path: str | Path, *, input_size: int | Sequence[int] = 32,
                 in_channels: int = 3, opset: int = DEFAULT_OPSET, fp: bool = False,
                 int_types: str = "int8", meta: Mapping[str, Any] | None = None,
-                fold_bn: bool = True) -> dict[str, Any]:
+                fold_bn: bool = True, residual_quant: bool = True) -> dict[str, Any]:
     """Write ``model`` as ONNX: QDQ around every quantized layer, or all float with ``fp``.
 
     ``meta`` (checkpoint metadata, optional) supplies the policy and the model description
@@ -1178,6 +1206,12 @@ def export_onnx(model: nn.Module, path: str | Path, *, input_size: int | Sequenc
     form of :func:`~mpqkit.export.deploy.deployment_model`, every BatchNorm after a quantized
     convolution folded into it (``folded_at_export`` in the summary names the layers trained
     unfolded); without it, BatchNorms trained unfolded stay BatchNormalization nodes.
+    ``residual_quant`` (default): 8-bit residual quantizers on the residual adds of quantized
+    values (:mod:`mpqkit.export.deploy`; ``residual_quant`` in the summary lists them), so that
+    onnxruntime runs those adds on integers; the model the file computes is then
+    :func:`~mpqkit.export.deploy.export_reference`. The graph is finally put in the form
+    onnxruntime fuses into integer kernels by exact rewrites (:mod:`mpqkit.export.qdq_rewrite`;
+    ``rewrites`` in the summary counts them).
     """
     from mpqkit import __version__
     from mpqkit.export.deploy import deployment_model
@@ -1195,7 +1229,7 @@ def export_onnx(model: nn.Module, path: str | Path, *, input_size: int | Sequenc
     at_export: list[str] = []
     if not fp and (fold_bn or any(isinstance(m, QConvBn2d) for m in model.modules())):
         try:
-            model, at_export = deployment_model(model)  # a copy in eval mode
+            model, at_export = deployment_model(model, residual_quant)  # a copy, eval mode
         except ConfigError as exc:
             raise ExportError(str(exc)) from None
     was_training = model.training
@@ -1204,6 +1238,7 @@ def export_onnx(model: nn.Module, path: str | Path, *, input_size: int | Sequenc
     try:
         conv = _Converter(model, (in_channels, int(hw[0]), int(hw[1])), opset, fp, int_types)
         graph = conv.convert()
+        rewrites = {} if fp else integer_kernel_form(graph)
         policy = None if fp else _policy_json(model, meta, (int(hw[0]), int(hw[1])))
     finally:
         model.to(device).train(was_training)
@@ -1229,17 +1264,20 @@ def export_onnx(model: nn.Module, path: str | Path, *, input_size: int | Sequenc
     path = atomic_write(path, lambda p: onnx.save_model(proto, str(p)))
     return {"path": str(path), "format": "onnx", "opset": opset, "fp": fp,
             "int_types": int_types, "bytes": path.stat().st_size, "layers": conv.layers,
-            "folded_at_export": at_export}
+            "folded_at_export": at_export, "residual_quant": conv.residual,
+            "rewrites": rewrites}
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, *, format: str = "onnx",
                       opset: int = DEFAULT_OPSET, fp: bool = False,
-                      int_types: str = "int8", fold_bn: bool = True
+                      int_types: str = "int8", fold_bn: bool = True,
+                      residual_quant: bool = True
                       ) -> tuple[dict[str, Any], nn.Module, dict[str, Any]]:
     """Export a run's checkpoint (``RUN_DIR/best.safetensors``) as ONNX or a packed file.
 
-    Returns ``(summary, model, meta)``: the export summary, and the PyTorch model and metadata
-    it was made from (for verification).
+    Returns ``(summary, model, meta)``: the export summary, and the PyTorch model the file
+    computes (the checkpoint's model, with the residual quantizers of an ONNX export:
+    :func:`~mpqkit.export.deploy.export_reference`) and the metadata (for verification).
     """
     from mpqkit.engine.trainer import load_checkpoint_model
     from mpqkit.export.packed import save_packed
@@ -1266,5 +1304,10 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, format: str = 
         model = dequantize_model(model)
     size = meta.get("input_size") or (meta.get("policy") or {}).get("input_size") or 32
     summary = export_onnx(model, out, input_size=size if isinstance(size, int) else tuple(size),
-                          opset=opset, fp=fp, int_types=int_types, meta=meta, fold_bn=fold_bn)
+                          opset=opset, fp=fp, int_types=int_types, meta=meta, fold_bn=fold_bn,
+                          residual_quant=residual_quant)
+    if not fp and residual_quant and summary["residual_quant"]:
+        from mpqkit.export.deploy import export_reference
+
+        model = export_reference(model)
     return summary, model, meta
