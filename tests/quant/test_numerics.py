@@ -7,7 +7,15 @@ import torch.nn.functional as F
 from mpqkit.errors import NonFiniteError
 from mpqkit.models import build_model
 from mpqkit.policy import Policy
-from mpqkit.quant import LSQQuantizer, PACTQuantizer, calibrate, make_act_quantizer, quantize_model
+from mpqkit.quant import (
+    LSQQuantizer,
+    PACTQuantizer,
+    QuantConfig,
+    calibrate,
+    make_act_quantizer,
+    quantize_model,
+)
+from mpqkit.quant.fold import VAR_FLOOR, batch_norm_floored
 
 
 def test_an_infinite_input_is_passed_on_not_clamped_to_qmax():
@@ -32,16 +40,36 @@ def test_calibration_on_nonfinite_values_is_an_error():
         q.init_from(torch.tensor([1.0, float("inf")]))
 
 
+def _structured_batch(g: torch.Generator, means: torch.Tensor, n: int = 32):
+    y = torch.randint(0, 10, (n,), generator=g)
+    return means[y] + torch.randn(n, 3, 32, 32, generator=g), y
+
+
 @pytest.mark.parametrize("name", ["mobilenet_v2", "efficientnet_b0"])
 def test_w4a4_mobile_networks_train_with_finite_loss_and_gradients(name):
+    """The finetune defaults (BatchNorm folded, calibration, SGD lr 0.1) on a briefly trained
+    network, whose running statistics are still far from its batch statistics. Before the
+    fixes, EfficientNet-B0 had gradients of 1e17 at the first step and NaN at the second: its
+    activation ranges were calibrated on quantized activations (a step of 1 everywhere) in
+    eval mode, whole stages rounded to 0 in training, and the BatchNorms of the collapsed
+    channels multiplied the gradient by 1/sqrt(eps) block after block."""
     torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    means = torch.randn(10, 3, 1, 1, generator=g)
     model = build_model(name, num_classes=10)
-    q = quantize_model(model, Policy.uniform(model, 4, 4, 32), inplace=True)
-    calibrate(q, torch.randn(4, 3, 32, 32))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model.train()
+    for _ in range(20):  # a briefly trained float model
+        x, y = _structured_batch(g, means)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    q = quantize_model(model, Policy.uniform(model, 4, 4, 32), QuantConfig(fold_bn=True),
+                       inplace=True)
+    calibrate(q, _structured_batch(g, means, 64)[0], batch_stats=True)  # as finetune does
     opt = torch.optim.SGD(q.parameters(), lr=0.1, momentum=0.9)
-    q.train()
-    for _ in range(3):
-        x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    for _ in range(5):
+        x, y = _structured_batch(g, means)
         loss = F.cross_entropy(q(x), y)
         opt.zero_grad()
         loss.backward()
@@ -52,3 +80,41 @@ def test_w4a4_mobile_networks_train_with_finite_loss_and_gradients(name):
         opt.step()
     assert all(torch.isfinite(t).all() for t in q.state_dict().values()
                if t.is_floating_point())
+
+
+def test_calibration_sees_float_activations_not_quantized_ones():
+    """Small activations (|x| < 0.5) reach the second layer's quantizer as they are: before,
+    the first layer's input quantizer ran with its uncalibrated step of 1 during calibration
+    and rounded them all to 0, and the second got the smallest step there is."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8, bias=False), torch.nn.Linear(8, 4))
+    q = quantize_model(model, Policy.uniform(model, 4, 4, 8), inplace=True)
+    x = torch.rand(64, 8) * 0.4
+    calibrate(q, x)
+    amax = F.linear(x, q[0].weight).abs().max().item()  # what the layer sees
+    s = q[1].aq.scale.abs().item()
+    assert amax / 500 < s < amax, (s, amax)  # (first and last layers: 8 bits)
+
+
+def test_batch_norm_floored_bounds_the_gain_of_a_collapsed_channel():
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm2d(3)
+    ref = torch.nn.BatchNorm2d(3)
+    bn.running_var.fill_(4.0)
+    ref.running_var.fill_(4.0)
+    y = torch.randn(8, 3, 5, 5) * 2.0
+    y[:, 2] = 0.7  # channel 2 made constant by quantization
+    y1, y2 = y.clone().requires_grad_(), y.clone().requires_grad_()
+    out = batch_norm_floored(y1, bn)
+    out_ref = ref(y2)
+    torch.testing.assert_close(out[:, :2], out_ref[:, :2])  # healthy channels: exactly BN
+    torch.testing.assert_close(bn.running_var, ref.running_var)
+    torch.testing.assert_close(bn.running_mean, ref.running_mean)
+    g = torch.randn_like(out)
+    out.backward(g)
+    out_ref.backward(g)
+    gain = y1.grad[:, 2].abs().max() / g[:, 2].abs().max()
+    gain_ref = y2.grad[:, 2].abs().max() / g[:, 2].abs().max()
+    assert gain_ref > 100  # nn.BatchNorm2d: 1/sqrt(eps)
+    # floored: gamma / sqrt(floor) times the centred gradient (at most twice max-abs g)
+    assert gain <= 2.0 / (VAR_FLOOR * 4.0) ** 0.5

@@ -289,7 +289,8 @@ def _run(cfg: RunConfig, command: str, quantized: bool) -> RunResult:
         state = resume(run, task)
     elif quantized:
         calib = make_loader(data.train, cfg.data.batch_size, train=True, seed=cfg.seed, epoch=0)
-        calibrate(model, ((x.to(run.device), y) for x, y in calib), max_batches=cfg.calib_batches)
+        calibrate(model, ((x.to(run.device), y) for x, y in calib), max_batches=cfg.calib_batches,
+                  batch_stats=True)  # the ranges of the training-mode activations QAT sees
         barrier()
     if cfg.amp and run.device.type != "cuda":
         log.info("amp: autocast runs on GPUs only; this CPU run uses float32")

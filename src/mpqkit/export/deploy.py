@@ -91,19 +91,20 @@ def _deploy_layer(conv: QConv2d, w: Tensor, wq: Quantizer, b: Tensor,
 
 @torch.no_grad()
 def _deploy_folded(m: QConvBn2d) -> QConvOut2d:
-    w, b = m.folded()
-    return _deploy_layer(m, m.wq(w), m.wq, b, m.oq)
+    return _deploy_unfolded(m, m.bn, m.oq)
 
 
 @torch.no_grad()
-def _deploy_unfolded(m: QConv2d, bn: nn.BatchNorm2d) -> QConvOut2d:
-    """Fold ``bn`` into a layer trained unfolded: integers kept, scale rescaled per channel."""
+def _deploy_unfolded(m: QConv2d, bn: nn.BatchNorm2d, oq: Quantizer | None = None
+                     ) -> QConvOut2d:
+    """Fold ``bn`` into ``m``: integers kept, scale rescaled per channel; ``oq``: the output
+    quantizer of a :class:`QConvBn2d`."""
     f, beta = bn_factor(bn)
     b = beta - bn.running_mean * f
     if m.bias is not None:
         b = b + m.bias * f
     if not m.wq.enabled:
-        return _deploy_layer(m, m.weight * f.reshape(-1, 1, 1, 1), m.wq, b, None)
+        return _deploy_layer(m, m.weight * f.reshape(-1, 1, 1, 1), m.wq, b, oq)
     q, scale, _, _ = weight_integers(m)
     scale = (scale.to(f.dtype) * f.abs()).clamp_min(1e-12)  # 1 or C scales -> C scales
     wq = LSQQuantizer(m.w_bits, signed=True, symmetric=True, channels=m.out_channels,
@@ -111,7 +112,7 @@ def _deploy_unfolded(m: QConv2d, bn: nn.BatchNorm2d) -> QConvOut2d:
     wq.scale.data.copy_(scale)
     wq.initialized.fill_(1)
     w = (q.to(f.dtype) * torch.sign(f).reshape(-1, 1, 1, 1)) * scale.reshape(-1, 1, 1, 1)
-    return _deploy_layer(m, w, wq, b, None)
+    return _deploy_layer(m, w, wq, b, oq)
 
 
 def deployment_model(model: nn.Module, residual_quant: bool = True

@@ -7,12 +7,18 @@ as one ``QLinearConv``. Two ways to get there:
 * **Training folded** (``QuantConfig.fold_bn``): :func:`find_fold_sites` finds every
   ``Conv2d -> BatchNorm2d`` pair in the model's traced forward and :class:`QConvBn2d` replaces
   the convolution (the BatchNorm moves inside it as ``bn``; its old place becomes
-  ``nn.Identity``). As in Jacob et al. 2018 and ``torch.ao.nn.intrinsic.qat.ConvBn2d``, the
-  weight quantizer sees the folded weight ``w * gamma / sqrt(running_var + eps)``; in training
-  the convolution output is rescaled by ``sqrt(running_var + eps) / gamma`` and normalised by
-  the BatchNorm with the batch statistics (which also updates the running ones); in eval the
-  module computes exactly the folded convolution with the folded bias, the function export
-  writes.
+  ``nn.Identity``). The weight quantizer quantizes the convolution's own weight ``w`` with
+  step ``s``; the deployed weight is ``q * sign(f)`` with per-channel scale ``s * |f|``,
+  ``f = gamma / sqrt(running_var + eps)`` (onnxruntime's QLinearConv takes per-channel weight
+  scales, as torch.ao's fused ConvBn QAT modules use with their default per-channel weight
+  fake-quant). In training the output is normalised with the batch statistics
+  (:func:`batch_norm_floored`, which also updates the running ones); in eval the module
+  computes exactly the folded convolution with the folded bias, the function export writes.
+  Jacob et al. 2018 quantize ``w * f`` with one step per tensor instead, and divide the
+  convolution's output by ``f`` in training: where ``f`` differs by 300x between channels (a
+  briefly trained EfficientNet-B0) most channels round to 0 and that division multiplies
+  their error and gradients by up to ``1/f``; on that model training went non-finite at the
+  first steps, which is why mpqkit does not use that form.
 * **Folded at export** (:func:`deployment_model`): a model fine-tuned without folding keeps
   the function it was trained with. Its quantized weights ``q * s`` are folded as
   ``(q * sign(f)) * (s * |f|)`` with ``f = gamma / sqrt(running_var + eps)`` per output channel,
@@ -152,6 +158,48 @@ def bn_factor(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
     return gamma / std, beta
 
 
+#: In quantized training a channel's batch variance counts as at least this fraction of its
+#: running variance (see :func:`batch_norm_floored`).
+VAR_FLOOR = 0.25
+
+
+def batch_norm_floored(y: Tensor, bn: nn.BatchNorm2d) -> Tensor:
+    """``bn(y)`` in training, except that each channel's batch variance is floored at
+    ``VAR_FLOOR`` x its running variance; the running statistics are updated as
+    ``nn.BatchNorm2d`` updates them (from the unfloored batch statistics).
+
+    Why: low-bit quantization can make a channel constant over a whole batch (a depthwise
+    filter, or the input channels of one, rounded to a single level) although the float
+    channel varies. BatchNorm then divides by ``sqrt(eps)`` instead of the channel's usual
+    standard deviation, and its backward multiplies the gradient by ``gamma / sqrt(eps)`` (~300
+    for eps 1e-5). Through a stack of depthwise blocks these factors multiply: on a w4a4
+    EfficientNet-B0 one backward pass gave gradients of 1e30 and the first step made the
+    weights non-finite. With the floor a collapsed channel's gain is at most
+    ``10 x gamma / running_std``, ten times its usual one; a channel whose batch variance is
+    within 100x of its running variance is normalised exactly as ``bn`` does."""
+    if not bn.training or not bn.track_running_stats or bn.running_var is None:
+        return bn(y)
+    dims = [0, 2, 3]
+    var, mean = torch.var_mean(y, dim=dims, correction=0)
+    if bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+    momentum = (1.0 / float(bn.num_batches_tracked) if bn.momentum is None
+                else bn.momentum)
+    with torch.no_grad():
+        n = y.numel() // y.shape[1]
+        bn.running_mean.lerp_(mean.detach(), momentum)
+        bn.running_var.lerp_(var.detach() * n / max(n - 1, 1), momentum)
+    floor = (VAR_FLOOR * bn.running_var).to(var.dtype)
+    var = torch.maximum(var, floor)
+    shape = (1, -1, 1, 1)
+    out = (y - mean.reshape(shape)) * torch.rsqrt(var + bn.eps).reshape(shape)
+    if bn.weight is not None:
+        out = out * bn.weight.reshape(shape)
+    if bn.bias is not None:
+        out = out + bn.bias.reshape(shape)
+    return out
+
+
 class QConvBn2d(QConv2d):
     """Conv2d + BatchNorm2d trained folded: quantized input, quantized folded weight, folded
     bias, optional 8-bit output quantizer ``oq`` (see the module docstring).
@@ -183,22 +231,14 @@ class QConvBn2d(QConv2d):
             b = b + self.bias * f
         return self.weight * f.reshape(-1, 1, 1, 1), b
 
-    def weight_for_quant(self) -> Tensor:
-        return self.folded()[0]
-
     def forward(self, x: Tensor) -> Tensor:
         x = self.aq(x)
-        w, b = self.folded()
-        wq = self.wq(w)
-        if self.training:  # batch statistics; the running ones are updated by self.bn
+        wq = self.wq(self.weight)
+        if self.training:  # batch statistics; the running ones are updated here too
+            y = batch_norm_floored(self._conv_forward(x, wq, self.bias), self.bn)
+        else:  # the deployed function: the quantized weight folded per channel
             f, _ = bn_factor(self.bn)
-            f = torch.where(f == 0, torch.ones_like(f), f).reshape(1, -1, 1, 1)
-            y = self._conv_forward(x, wq, None) / f
-            if self.bias is not None:
-                y = y + self.bias.reshape(1, -1, 1, 1)
-            y = self.bn(y)
-        else:
-            y = self._conv_forward(x, wq, b)
+            y = self._conv_forward(x, wq * f.reshape(-1, 1, 1, 1), self.folded()[1])
         return self.oq(y)
 
     def to_float(self) -> nn.Module:
