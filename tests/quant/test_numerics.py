@@ -15,7 +15,7 @@ from mpqkit.quant import (
     make_act_quantizer,
     quantize_model,
 )
-from mpqkit.quant.fold import VAR_FLOOR, batch_norm_floored
+from mpqkit.quant.fold import VAR_FLOOR, batch_norm_floored, floored_batchnorm
 
 
 def test_an_infinite_input_is_passed_on_not_clamped_to_qmax():
@@ -45,8 +45,9 @@ def _structured_batch(g: torch.Generator, means: torch.Tensor, n: int = 32):
     return means[y] + torch.randn(n, 3, 32, 32, generator=g), y
 
 
+@pytest.mark.parametrize("fold", [True, False], ids=["folded", "unfolded"])
 @pytest.mark.parametrize("name", ["mobilenet_v2", "efficientnet_b0"])
-def test_w4a4_mobile_networks_train_with_finite_loss_and_gradients(name):
+def test_w4a4_mobile_networks_train_with_finite_loss_and_gradients(name, fold):
     """The finetune defaults (BatchNorm folded, calibration, SGD lr 0.1) on a briefly trained
     network, whose running statistics are still far from its batch statistics. Before the
     fixes, EfficientNet-B0 had gradients of 1e17 at the first step and NaN at the second: its
@@ -64,10 +65,17 @@ def test_w4a4_mobile_networks_train_with_finite_loss_and_gradients(name):
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         opt.step()
-    q = quantize_model(model, Policy.uniform(model, 4, 4, 32), QuantConfig(fold_bn=True),
+    q = quantize_model(model, Policy.uniform(model, 4, 4, 32), QuantConfig(fold_bn=fold),
                        inplace=True)
     calibrate(q, _structured_batch(g, means, 64)[0], batch_stats=True)  # as finetune does
     opt = torch.optim.SGD(q.parameters(), lr=0.1, momentum=0.9)
+    with floored_batchnorm(q):  # as finetune trains (a folded model floors its own)
+        _train_finite(q, opt, g, means)
+    assert all(torch.isfinite(t).all() for t in q.state_dict().values()
+               if t.is_floating_point())
+
+
+def _train_finite(q, opt, g, means):
     for _ in range(5):
         x, y = _structured_batch(g, means)
         loss = F.cross_entropy(q(x), y)
@@ -78,8 +86,6 @@ def test_w4a4_mobile_networks_train_with_finite_loss_and_gradients(name):
                if p.grad is not None and not torch.isfinite(p.grad).all()]
         assert not bad, bad[:5]
         opt.step()
-    assert all(torch.isfinite(t).all() for t in q.state_dict().values()
-               if t.is_floating_point())
 
 
 def test_calibration_sees_float_activations_not_quantized_ones():
@@ -118,3 +124,17 @@ def test_batch_norm_floored_bounds_the_gain_of_a_collapsed_channel():
     assert gain_ref > 100  # nn.BatchNorm2d: 1/sqrt(eps)
     # floored: gamma / sqrt(floor) times the centred gradient (at most twice max-abs g)
     assert gain <= 2.0 / (VAR_FLOOR * 4.0) ** 0.5
+
+
+def test_floored_batchnorm_swaps_the_class_only_inside_the_block():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    keys = list(model.state_dict())
+    with floored_batchnorm(model):
+        assert type(model[1]).__name__ == "FlooredBatchNorm2d"
+        assert list(model.state_dict()) == keys
+        model.eval()
+        x = torch.randn(2, 3, 8, 8)
+        torch.testing.assert_close(model(x), torch.nn.functional.batch_norm(
+            model[0](x), model[1].running_mean, model[1].running_var, model[1].weight,
+            model[1].bias, False, 0.0, model[1].eps))
+    assert type(model[1]) is torch.nn.BatchNorm2d

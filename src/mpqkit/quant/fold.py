@@ -35,6 +35,8 @@ convolution runs in float with its weights dequantized on every run.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -178,7 +180,7 @@ def batch_norm_floored(y: Tensor, bn: nn.BatchNorm2d) -> Tensor:
     ``10 x gamma / running_std``, ten times its usual one; a channel whose batch variance is
     within 100x of its running variance is normalised exactly as ``bn`` does."""
     if not bn.training or not bn.track_running_stats or bn.running_var is None:
-        return bn(y)
+        return nn.BatchNorm2d.forward(bn, y)
     dims = [0, 2, 3]
     var, mean = torch.var_mean(y, dim=dims, correction=0)
     if bn.num_batches_tracked is not None:
@@ -198,6 +200,32 @@ def batch_norm_floored(y: Tensor, bn: nn.BatchNorm2d) -> Tensor:
     if bn.bias is not None:
         out = out + bn.bias.reshape(shape)
     return out
+
+
+class FlooredBatchNorm2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` whose training forward is :func:`batch_norm_floored` (same
+    parameters, buffers and state dict); set by :func:`floored_batchnorm`."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training and self.track_running_stats and self.running_var is not None:
+            return batch_norm_floored(x, self)
+        return super().forward(x)
+
+
+@contextlib.contextmanager
+def floored_batchnorm(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block every ``nn.BatchNorm2d`` of ``model`` normalises with its batch
+    variance floored (:func:`batch_norm_floored`): quantization-aware training of a model
+    whose BatchNorms are not folded (:class:`QConvBn2d` floors its own). The layers' classes
+    are restored on exit; names, parameters and buffers never change."""
+    swapped = [m for m in model.modules() if type(m) is nn.BatchNorm2d]
+    try:
+        for m in swapped:
+            m.__class__ = FlooredBatchNorm2d
+        yield model
+    finally:
+        for m in swapped:
+            m.__class__ = nn.BatchNorm2d
 
 
 class QConvBn2d(QConv2d):
