@@ -27,6 +27,7 @@ from PIL import Image
 
 from mpqkit.complexity import policy_cost, profile_model
 from mpqkit.data import DataConfig
+from mpqkit.export.deploy import export_reference
 from mpqkit.export.onnx_export import export_onnx
 from mpqkit.export.verify import make_session
 from mpqkit.models import build_model
@@ -86,14 +87,19 @@ def quantize_train_export(name: str, size: int, tmp_path: Path) -> dict[str, flo
     q.eval()
     path = tmp_path / "m.onnx"
     export_onnx(q, path, input_size=size)
-    with torch.no_grad():
-        ref = q(x).numpy()
+    with torch.no_grad():  # what the export computes: the model with its residual quantizers
+        ref = export_reference(q)(x).numpy()
     assert np.isfinite(ref).all()
+    # the graph computes the PyTorch function: onnxruntime's float path (QDQ kept as float
+    # ops) agrees up to the summation order, which flips a rounding now and then
+    float_path = make_session(path, 1, {"session.disable_quant_qdq": "1"})
+    fl = float_path.run(None, {"input": x.numpy()})[0]
+    assert float(np.abs(fl - ref).max()) <= 0.05 * float(np.abs(ref).max()) + 1e-5
     out = make_session(path, threads=1).run(None, {"input": x.numpy()})[0]
     diff = float(np.abs(out - ref).max())
-    # the same function up to the float summation order, which flips a rounding of an 8-bit
-    # activation now and then: the logits agree to a few activation steps
-    assert diff <= 0.05 * float(np.abs(ref).max()) + 1e-5, (diff, np.abs(ref).max())
+    # its integer kernels requantize with their own rounding, which flips an activation level
+    # now and then (random weights: logits of ~1e-2, so one flip shows): a few levels' worth
+    assert diff <= 0.2 * float(np.abs(ref).max()) + 1e-5, (diff, np.abs(ref).max())
     assert (out.argmax(1) == ref.argmax(1)).all()
     return {"loss": losses[-1], "ort_max_diff": diff}
 

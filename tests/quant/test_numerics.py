@@ -12,10 +12,11 @@ from mpqkit.quant import (
     PACTQuantizer,
     QuantConfig,
     calibrate,
+    dequantize_model,
     make_act_quantizer,
     quantize_model,
 )
-from mpqkit.quant.fold import VAR_FLOOR, batch_norm_floored, floored_batchnorm
+from mpqkit.quant.fold import VAR_FLOOR, FlooredBatchNorm2d, batch_norm_floored
 
 
 def test_an_infinite_input_is_passed_on_not_clamped_to_qmax():
@@ -72,8 +73,7 @@ def test_w4a4_mobile_networks_train_with_finite_loss_and_gradients(name, fp_step
                        inplace=True)
     calibrate(q, _structured_batch(g, means, 64)[0], batch_stats=True)  # as finetune does
     opt = torch.optim.SGD(q.parameters(), lr=0.1, momentum=0.9)
-    with floored_batchnorm(q):  # as finetune trains (a folded model floors its own)
-        _train_finite(q, opt, g, means, qat_steps)
+    _train_finite(q, opt, g, means, qat_steps)
     assert all(torch.isfinite(t).all() for t in q.state_dict().values()
                if t.is_floating_point())
 
@@ -129,15 +129,17 @@ def test_batch_norm_floored_bounds_the_gain_of_a_collapsed_channel():
     assert gain <= 2.0 / (VAR_FLOOR * 4.0) ** 0.5
 
 
-def test_floored_batchnorm_swaps_the_class_only_inside_the_block():
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+def test_a_quantized_model_floors_its_batchnorms_and_a_dequantized_one_does_not():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4),
+                                torch.nn.Flatten(), torch.nn.Linear(144, 2))
     keys = list(model.state_dict())
-    with floored_batchnorm(model):
-        assert type(model[1]).__name__ == "FlooredBatchNorm2d"
-        assert list(model.state_dict()) == keys
-        model.eval()
-        x = torch.randn(2, 3, 8, 8)
-        torch.testing.assert_close(model(x), torch.nn.functional.batch_norm(
-            model[0](x), model[1].running_mean, model[1].running_var, model[1].weight,
-            model[1].bias, False, 0.0, model[1].eps))
-    assert type(model[1]) is torch.nn.BatchNorm2d
+    q = quantize_model(model, Policy.uniform(model, 4, 4, 8))
+    assert type(q[1]) is FlooredBatchNorm2d and type(model[1]) is torch.nn.BatchNorm2d
+    assert list(q.state_dict()) != keys and all(k in q.state_dict() for k in keys)
+    x = torch.randn(2, 3, 8, 8)
+    q.eval()
+    with torch.no_grad():  # eval: the plain BatchNorm's function
+        torch.testing.assert_close(q[1](x[:, :3, :4, :4].repeat(1, 2, 1, 1)[:, :4]),
+                                   torch.nn.BatchNorm2d.forward(q[1], x[:, :3, :4, :4]
+                                                                .repeat(1, 2, 1, 1)[:, :4]))
+    assert type(dequantize_model(q)[1]) is torch.nn.BatchNorm2d

@@ -25,6 +25,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from mpqkit.quant.fold import FlooredBatchNorm2d
+
 
 @dataclass
 class DistInfo:
@@ -195,7 +197,7 @@ def synced_batchnorm(model: nn.Module) -> Iterator[nn.Module]:
     sums (forward and backward): parameters, buffers and names are unchanged, so checkpoints are
     too. Works with gloo and NCCL; nothing changes in one process.
     """
-    kinds = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+    kinds = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, FlooredBatchNorm2d)
     swapped = [(m, type(m)) for m in model.modules() if type(m) in kinds] if _active() else []
     try:
         for m, cls in swapped:

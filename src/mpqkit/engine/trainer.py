@@ -40,7 +40,6 @@ from mpqkit.models import build_model
 from mpqkit.optim.factory import StepSchedule, create_optimizer, param_groups
 from mpqkit.policy import Policy, parse_uniform
 from mpqkit.quant import calibrate, quantize_model
-from mpqkit.quant.fold import floored_batchnorm
 from mpqkit.quant.quantizers import prepare_for_compile
 
 METRIC_FIELDS = ("epoch", "step", "lr", "train_loss", "train_acc", "eval_loss", "eval_acc",
@@ -301,11 +300,8 @@ def _run(cfg: RunConfig, command: str, quantized: bool) -> RunResult:
              f"steps; optimizer {cfg.optim.describe()}; device {run.device}"
              + (f" x {run.world.world_size} processes" if run.world.enabled else "")
              + f"; run folder {run.dir}")
-    # quantized training: every BatchNorm's batch variance floored (a channel that low-bit
-    # rounding made constant must not multiply the gradient by 1/sqrt(eps))
-    with floored_batchnorm(model) if quantized else contextlib.nullcontext():
-        rows = fit(run, task, state, epochs=cfg.epochs, steps_per_epoch=steps,
-                   save_every_min=cfg.save_every_min)
+    rows = fit(run, task, state, epochs=cfg.epochs, steps_per_epoch=steps,
+               save_every_min=cfg.save_every_min)
     evals = [float(r["eval_acc"]) for r in rows if r.get("eval_acc") not in (None, "")]
     best = max(evals) if evals else float("nan")
     result = RunResult(run.dir, evals[-1] if evals else float("nan"), best,

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from mpqkit.export.packed import check_calibrated, weight_integers
 from mpqkit.quant.fold import (
+    BATCHNORM2D,
     OUTPUT_BITS,
     FoldSite,
     QConvBn2d,
@@ -122,7 +123,7 @@ def deployment_model(model: nn.Module, residual_quant: bool = True
     at export)``. Other layers are unchanged; with residual quantizers the model is a
     ``torch.fx.GraphModule`` with the same submodule names."""
     model = copy.deepcopy(model).eval()
-    if any(type(m) is nn.BatchNorm2d for m in model.modules()):
+    if any(type(m) in BATCHNORM2D for m in model.modules()):
         sites = find_fold_sites(model, fix="export with --no-fold-bn")
     else:
         sites = {n: FoldSite("", False) for n, m in model.named_modules()

@@ -95,7 +95,7 @@ from mpqkit.errors import CheckpointError, ConfigError, MpqkitError
 from mpqkit.export import DEFAULT_OPSET, INT_TYPES, ExportError
 from mpqkit.export.packed import check_calibrated, pack_bits, weight_integers
 from mpqkit.export.qdq_rewrite import integer_kernel_form
-from mpqkit.quant.fold import QConvBn2d
+from mpqkit.quant.fold import QConvBn2d, QuantTracer
 from mpqkit.quant.layers import QuantMixin, quantizable_layers
 from mpqkit.quant.quantizers import FULL_PRECISION, Quantizer
 from mpqkit.runio import atomic_write
@@ -168,13 +168,6 @@ class _Dyn:
 
 class _Unsupported(Exception):
     """Raised inside the converter; turned into an ExportError naming the layer or node."""
-
-
-class _Tracer(fx.Tracer):
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, QuantMixin | Quantizer):
-            return True
-        return super().is_leaf_module(m, qualname)
 
 
 def _pair(v: Any) -> tuple[int, int]:
@@ -369,7 +362,7 @@ class _Converter:
     # -- tracing -------------------------------------------------------------------------------
     def trace(self) -> fx.GraphModule:
         try:
-            graph = _Tracer().trace(self.model)
+            graph = QuantTracer().trace(self.model)
         except Exception as exc:  # noqa: BLE001 - any tracing failure is reported in one line
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ExportError(f"cannot trace the model's forward for export ({msg[:160]}): "

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from mpqkit.errors import PolicyError
-from mpqkit.quant.fold import QConvBn2d, find_fold_sites, fold_layer
+from mpqkit.quant.fold import QConvBn2d, find_fold_sites, floor_batchnorms, fold_layer
 from mpqkit.quant.layers import (
     QuantConfig,
     QuantMixin,
@@ -63,7 +63,9 @@ def quantize_model(model: nn.Module, policy: Policy, config: QuantConfig | None 
     ``inplace`` is true; otherwise the model is deep-copied first. Already quantized layers get
     new bits. Quantizer ranges are initialised from the first batch seen, or by :func:`calibrate`.
     With ``config.fold_bn`` every ``Conv2d -> BatchNorm2d`` pair becomes one
-    :class:`~mpqkit.quant.fold.QConvBn2d` (found by tracing the forward).
+    :class:`~mpqkit.quant.fold.QConvBn2d` (found by tracing the forward). Every other
+    ``BatchNorm2d`` becomes a :class:`~mpqkit.quant.fold.FlooredBatchNorm2d` (its batch
+    variance floored in training: :func:`~mpqkit.quant.fold.batch_norm_floored`).
     """
     policy.validate(model)
     config = config or QuantConfig()
@@ -81,7 +83,7 @@ def quantize_model(model: nn.Module, policy: Policy, config: QuantConfig | None 
             mod = mod.to_float()
         qmod = quantized_class(name, mod).from_float(mod, lp.w_bits, lp.a_bits, config)
         _set_submodule(model, name, qmod)
-    return model
+    return floor_batchnorms(model)
 
 
 def dequantize_model(model: nn.Module, *, inplace: bool = False) -> nn.Module:
@@ -91,7 +93,7 @@ def dequantize_model(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     for name, mod in list(model.named_modules()):
         if isinstance(mod, QuantMixin):
             _set_submodule(model, name, mod.to_float())
-    return model
+    return floor_batchnorms(model, floored=False)
 
 
 def model_bits(model: nn.Module) -> dict[str, tuple[int, int]]:

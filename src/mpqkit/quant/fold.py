@@ -35,8 +35,6 @@ convolution runs in float with its weights dequantized on every run.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -60,9 +58,12 @@ class FoldSite:
     out_quant: bool
 
 
-class _Tracer(fx.Tracer):
+class QuantTracer(fx.Tracer):
+    """``torch.fx`` tracer of quantized models: quantized layers, quantizers and
+    :class:`FlooredBatchNorm2d` are leaves (one ``call_module`` node each)."""
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, QuantMixin | Quantizer):
+        if isinstance(m, QuantMixin | Quantizer | FlooredBatchNorm2d):
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -89,7 +90,7 @@ def trace(model: nn.Module, what: str) -> fx.GraphModule:
     from mpqkit.errors import ConfigError
 
     try:
-        return fx.GraphModule(model, _Tracer().trace(model))
+        return fx.GraphModule(model, QuantTracer().trace(model))
     except Exception as exc:  # noqa: BLE001 - any tracing failure is reported in one line
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"cannot trace the model's forward to find Conv2d -> BatchNorm2d pairs "
@@ -129,7 +130,7 @@ def find_fold_sites(model: nn.Module, quantized: set[str] | None = None,
         if user.op != "call_module" or calls[str(user.target)] != 1:
             continue
         bn = gm.get_submodule(str(user.target))
-        if (type(bn) is nn.BatchNorm2d and bn.track_running_stats
+        if (type(bn) in BATCHNORM2D and bn.track_running_stats
                 and bn.running_var is not None and bn.num_features == mod.out_channels):
             sites[name] = FoldSite(str(user.target), not _feeds_quantizers(user, gm, quantized))
     return sites
@@ -203,8 +204,9 @@ def batch_norm_floored(y: Tensor, bn: nn.BatchNorm2d) -> Tensor:
 
 
 class FlooredBatchNorm2d(nn.BatchNorm2d):
-    """``nn.BatchNorm2d`` whose training forward is :func:`batch_norm_floored` (same
-    parameters, buffers and state dict); set by :func:`floored_batchnorm`."""
+    """``nn.BatchNorm2d`` whose training forward is :func:`batch_norm_floored`: the class every
+    ``nn.BatchNorm2d`` of a quantized model gets (:func:`floor_batchnorms`; same parameters,
+    buffers and state dict, any training loop), the plain class again when dequantized."""
 
     def forward(self, x: Tensor) -> Tensor:
         if self.training and self.track_running_stats and self.running_var is not None:
@@ -212,20 +214,19 @@ class FlooredBatchNorm2d(nn.BatchNorm2d):
         return super().forward(x)
 
 
-@contextlib.contextmanager
-def floored_batchnorm(model: nn.Module) -> Iterator[nn.Module]:
-    """Inside the block every ``nn.BatchNorm2d`` of ``model`` normalises with its batch
-    variance floored (:func:`batch_norm_floored`): quantization-aware training of a model
-    whose BatchNorms are not folded (:class:`QConvBn2d` floors its own). The layers' classes
-    are restored on exit; names, parameters and buffers never change."""
-    swapped = [m for m in model.modules() if type(m) is nn.BatchNorm2d]
-    try:
-        for m in swapped:
-            m.__class__ = FlooredBatchNorm2d
-        yield model
-    finally:
-        for m in swapped:
-            m.__class__ = nn.BatchNorm2d
+#: The BatchNorm classes folded into a convolution (a quantized model's and a float one's).
+BATCHNORM2D = (nn.BatchNorm2d, FlooredBatchNorm2d)
+
+
+def floor_batchnorms(model: nn.Module, floored: bool = True) -> nn.Module:
+    """Every ``nn.BatchNorm2d`` of ``model`` becomes a :class:`FlooredBatchNorm2d` in place
+    (with ``floored=False``, the reverse); names, parameters and buffers never change."""
+    src, dst = (nn.BatchNorm2d, FlooredBatchNorm2d) if floored else (FlooredBatchNorm2d,
+                                                                       nn.BatchNorm2d)
+    for m in model.modules():
+        if type(m) is src:
+            m.__class__ = dst
+    return model
 
 
 class QConvBn2d(QConv2d):
