@@ -94,7 +94,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from mpqkit.errors import CheckpointError, ConfigError, MpqkitError
 from mpqkit.export import DEFAULT_OPSET, INT_TYPES, ExportError
 from mpqkit.export.packed import check_calibrated, pack_bits, weight_integers
-from mpqkit.export.qdq_rewrite import integer_kernel_form
+from mpqkit.export.qdq_rewrite import integer_kernel_form, unique_name
 from mpqkit.quant.fold import QConvBn2d, QuantTracer
 from mpqkit.quant.layers import QuantMixin, quantizable_layers
 from mpqkit.quant.quantizers import FULL_PRECISION, Quantizer
@@ -312,13 +312,7 @@ class _Converter:
 
     # -- naming and emission ---------------------------------------------------------------------
     def uniq(self, base: str) -> str:
-        base = base or "node"
-        name, i = base, 1
-        while name in self.used:
-            i += 1
-            name = f"{base}_{i}"
-        self.used.add(name)
-        return name
+        return unique_name(base or "node", self.used)
 
     def init(self, base: str, tensor: np.ndarray | onnx.TensorProto) -> str:
         name = self.uniq(base)

@@ -32,6 +32,16 @@ _INT8_TYPES = {TensorProto.INT8: np.int8, TensorProto.UINT8: np.uint8}
 _GRID_OPS = ("Slice", "Pad", "MaxPool", "Flatten", "Reshape")
 
 
+
+def unique_name(base: str, used: set[str]) -> str:
+    """``base``, or ``base_2``, ``base_3`` ... : the first not in ``used`` (which gets it)."""
+    name, i = base, 1
+    while name in used:
+        i += 1
+        name = f"{base}_{i}"
+    used.add(name)
+    return name
+
 class _Rewriter:
     def __init__(self, graph: onnx.GraphProto) -> None:
         self.graph = graph
@@ -40,12 +50,7 @@ class _Rewriter:
                       | set(self.inits) | {i.name for i in graph.input})
 
     def fresh(self, base: str) -> str:
-        name, i = base, 1
-        while name in self.names:
-            i += 1
-            name = f"{base}_{i}"
-        self.names.add(name)
-        return name
+        return unique_name(base, self.names)
 
     def producers(self) -> dict[str, onnx.NodeProto]:
         return {o: n for n in self.graph.node for o in n.output}
