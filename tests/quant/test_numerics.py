@@ -143,3 +143,16 @@ def test_a_quantized_model_floors_its_batchnorms_and_a_dequantized_one_does_not(
                                    torch.nn.BatchNorm2d.forward(q[1], x[:, :3, :4, :4]
                                                                 .repeat(1, 2, 1, 1)[:, :4]))
     assert type(dequantize_model(q)[1]) is torch.nn.BatchNorm2d
+
+
+def test_calibration_with_batch_statistics_leaves_the_model_as_it_was():
+    torch.manual_seed(0)
+    model = build_model("resnet20")
+    q = quantize_model(model, Policy.uniform(model, 4, 4, 32), QuantConfig(fold_bn=True))
+    q.train()
+    before = {k: v.clone() for k, v in q.state_dict().items() if "running" in k
+              or "num_batches" in k}
+    calibrate(q, torch.randn(8, 3, 32, 32), batch_stats=True)
+    assert q.training and all(m.training for m in q.modules())
+    for k, v in before.items():
+        assert torch.equal(q.state_dict()[k], v), k
