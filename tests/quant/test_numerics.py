@@ -156,3 +156,23 @@ def test_calibration_with_batch_statistics_leaves_the_model_as_it_was():
     assert q.training and all(m.training for m in q.modules())
     for k, v in before.items():
         assert torch.equal(q.state_dict()[k], v), k
+
+
+def test_the_floor_holds_with_frozen_statistics_and_leaves_them_alone():
+    """A sharpness-aware second pass freezes the statistics (track_running_stats off): the
+    collapsed channel's gain stays floored and nothing of the BatchNorm changes."""
+    from mpqkit.optim.bn import frozen_bn_stats
+
+    bn = FlooredBatchNorm2d(2).train()
+    bn.running_var.fill_(4.0)
+    state = {k: v.clone() for k, v in bn.state_dict().items()}
+    y = torch.randn(8, 2, 5, 5)
+    y[:, 1] = 0.3
+    y.requires_grad_()
+    with frozen_bn_stats(bn):
+        out = bn(y)
+    g = torch.randn_like(out)
+    out.backward(g)
+    assert y.grad[:, 1].abs().max() / g[:, 1].abs().max() <= 2.0 / (VAR_FLOOR * 4.0) ** 0.5
+    for k, v in state.items():
+        assert torch.equal(bn.state_dict()[k], v), k

@@ -181,19 +181,23 @@ def batch_norm_floored(y: Tensor, bn: nn.BatchNorm2d) -> Tensor:
     ``2 x gamma / running_std``, twice its usual one; a channel whose batch variance is at
     least ``VAR_FLOOR`` x its running variance (before this batch) is normalised exactly as
     ``bn`` does, by the same native kernel when no channel is under the floor."""
-    if not bn.training or not bn.track_running_stats or bn.running_var is None:
+    if not bn.training or bn.running_var is None:
         return nn.BatchNorm2d.forward(bn, y)
-    if bn.num_batches_tracked is not None:
+    # track_running_stats off (frozen_bn_stats, a sharpness-aware second pass): floored all the
+    # same, statistics untouched
+    track = bn.track_running_stats
+    if track and bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
     momentum = (1.0 / float(bn.num_batches_tracked) if bn.momentum is None
                 else bn.momentum)
     floor = (VAR_FLOOR * bn.running_var).to(y.dtype)  # the running variance before this batch
     if torch.compiler.is_compiling():  # one branch-free form, fused by the compiler
-        return _floored_form(y, bn, floor, momentum, update=True)
+        return _floored_form(y, bn, floor, momentum, update=track)
     # eager: the native kernel (its running-statistics update included); the floored form only
     # when a channel is under the floor (~5% over plain BatchNorm otherwise, not 2.6x)
-    out, _, invstd = torch.native_batch_norm(y, bn.weight, bn.bias, bn.running_mean,
-                                             bn.running_var, True, momentum, bn.eps)
+    out, _, invstd = torch.native_batch_norm(
+        y, bn.weight, bn.bias, bn.running_mean if track else None,
+        bn.running_var if track else None, True, momentum, bn.eps)
     if bool((invstd.detach().pow(-2) - bn.eps < floor).any()):
         return _floored_form(y, bn, floor, momentum, update=False)
     return out
@@ -223,9 +227,7 @@ class FlooredBatchNorm2d(nn.BatchNorm2d):
     buffers and state dict, any training loop), the plain class again when dequantized."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.training and self.track_running_stats and self.running_var is not None:
-            return batch_norm_floored(x, self)
-        return super().forward(x)
+        return batch_norm_floored(x, self)
 
 
 #: The BatchNorm classes folded into a convolution (a quantized model's and a float one's).
