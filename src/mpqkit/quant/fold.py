@@ -270,11 +270,15 @@ class QConvBn2d(QConv2d):
 
     def folded(self) -> tuple[Tensor, Tensor]:
         """``(weight, bias)`` folded with the running statistics (before quantization)."""
+        f, b = self._fold_factor_and_bias()
+        return self.weight * f.reshape(-1, 1, 1, 1), b
+
+    def _fold_factor_and_bias(self) -> tuple[Tensor, Tensor]:
         f, beta = bn_factor(self.bn)
         b = beta - self.bn.running_mean * f
         if self.bias is not None:
             b = b + self.bias * f
-        return self.weight * f.reshape(-1, 1, 1, 1), b
+        return f, b
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.aq(x)
@@ -282,8 +286,8 @@ class QConvBn2d(QConv2d):
         if self.training:  # batch statistics; the running ones are updated here too
             y = batch_norm_floored(self._conv_forward(x, wq, self.bias), self.bn)
         else:  # the deployed function: the quantized weight folded per channel
-            f, _ = bn_factor(self.bn)
-            y = self._conv_forward(x, wq * f.reshape(-1, 1, 1, 1), self.folded()[1])
+            f, b = self._fold_factor_and_bias()
+            y = self._conv_forward(x, wq * f.reshape(-1, 1, 1, 1), b)
         return self.oq(y)
 
     def to_float(self) -> nn.Module:
