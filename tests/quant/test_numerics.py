@@ -176,3 +176,22 @@ def test_the_floor_holds_with_frozen_statistics_and_leaves_them_alone():
     assert y.grad[:, 1].abs().max() / g[:, 1].abs().max() <= 2.0 / (VAR_FLOOR * 4.0) ** 0.5
     for k, v in state.items():
         assert torch.equal(bn.state_dict()[k], v), k
+
+
+def test_the_floored_form_takes_bf16_values_and_keeps_float32_statistics():
+    """Under autocast a convolution hands its BatchNorm bf16 values. The floored form (what
+    torch.compile runs, and eager when a channel is under the floor) computes the statistics in
+    float32 and updates the float32 running statistics: `finetune --amp --compile` stopped on
+    a dtype error in the running-statistics update."""
+    from mpqkit.quant.fold import _floored_form
+
+    torch.manual_seed(0)
+    bn, ref = FlooredBatchNorm2d(3).train(), torch.nn.BatchNorm2d(3).train()
+    y = (torch.randn(8, 3, 5, 5) * 2.0 + 1.0).to(torch.bfloat16)
+    out = _floored_form(y, bn, VAR_FLOOR * bn.running_var, 0.1, update=True)
+    out_ref = ref(y.float())
+    assert out.dtype == torch.bfloat16
+    assert bn.running_mean.dtype == bn.running_var.dtype == torch.float32
+    torch.testing.assert_close(bn.running_mean, ref.running_mean)
+    torch.testing.assert_close(bn.running_var, ref.running_var)
+    torch.testing.assert_close(out.float(), out_ref, atol=2e-2, rtol=2e-2)

@@ -190,7 +190,7 @@ def batch_norm_floored(y: Tensor, bn: nn.BatchNorm2d) -> Tensor:
         bn.num_batches_tracked.add_(1)
     momentum = (1.0 / float(bn.num_batches_tracked) if bn.momentum is None
                 else bn.momentum)
-    floor = (VAR_FLOOR * bn.running_var).to(y.dtype)  # the running variance before this batch
+    floor = VAR_FLOOR * bn.running_var  # the running variance before this batch
     if torch.compiler.is_compiling():  # one branch-free form, fused by the compiler
         return _floored_form(y, bn, floor, momentum, update=track)
     # eager: the native kernel (its running-statistics update included); the floored form only
@@ -205,20 +205,24 @@ def batch_norm_floored(y: Tensor, bn: nn.BatchNorm2d) -> Tensor:
 
 def _floored_form(y: Tensor, bn: nn.BatchNorm2d, floor: Tensor, momentum: float,
                   update: bool) -> Tensor:
-    var, mean = torch.var_mean(y, dim=[0, 2, 3], correction=0)
+    # in float32 whatever y's dtype (bf16 under autocast), as the native kernel computes
+    # statistics: a bf16 variance is too coarse, and the running statistics stay float32
+    yf = y.float()
+    var, mean = torch.var_mean(yf, dim=[0, 2, 3], correction=0)
     if update:
         assert bn.running_mean is not None and bn.running_var is not None
         with torch.no_grad():
             n = y.numel() // y.shape[1]
-            bn.running_mean.lerp_(mean.detach(), momentum)
-            bn.running_var.lerp_(var.detach() * n / max(n - 1, 1), momentum)
-    scale = torch.rsqrt(torch.maximum(var, floor) + bn.eps)
+            bn.running_mean.lerp_(mean.detach().to(bn.running_mean.dtype), momentum)
+            bn.running_var.lerp_((var.detach() * n / max(n - 1, 1)).to(bn.running_var.dtype),
+                                 momentum)
+    scale = torch.rsqrt(torch.maximum(var, floor.float()) + bn.eps)
     if bn.weight is not None:
         scale = scale * bn.weight
     shift = -mean * scale
     if bn.bias is not None:
         shift = shift + bn.bias
-    return torch.addcmul(shift.reshape(1, -1, 1, 1), y, scale.reshape(1, -1, 1, 1))
+    return torch.addcmul(shift.reshape(1, -1, 1, 1), yf, scale.reshape(1, -1, 1, 1)).to(y.dtype)
 
 
 class FlooredBatchNorm2d(nn.BatchNorm2d):
