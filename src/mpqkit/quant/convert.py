@@ -135,7 +135,7 @@ def calibrate(model: nn.Module, batches: Iterable[Tensor | tuple[Tensor, ...]] |
     seen: dict[int, list[Tensor]] = {id(m): [] for m in [*qlayers, *outs]}
     hooks = [m.register_forward_pre_hook(
         lambda mod, inp: seen[id(mod)].append(inp[0].detach())) for m in [*qlayers, *outs]]
-    with _passing_through(model), _eval(model, batch_stats):
+    with passing_through(model), _eval(model, batch_stats):
         try:
             for i, b in enumerate(batches):
                 if i >= max_batches:
@@ -154,7 +154,7 @@ def calibrate(model: nn.Module, batches: Iterable[Tensor | tuple[Tensor, ...]] |
 
 
 @contextlib.contextmanager
-def _passing_through(model: nn.Module) -> Iterator[None]:
+def passing_through(model: nn.Module) -> Iterator[None]:
     """Every enabled quantizer of ``model`` is the identity inside the block (its bit-width is
     set to full precision and restored after): activations are collected un-quantized, and a
     quantizer that is not yet calibrated does not initialise itself on the way."""

@@ -40,7 +40,7 @@ from mpqkit.complexity import FP, MB, LayerInfo, normalize_input_size, profile_m
 from mpqkit.errors import ConfigError, ModelError
 from mpqkit.optim.bn import frozen_bn_stats
 from mpqkit.policy import FIRST_LAST_MODES, Policy, first_last_bits, first_last_layers
-from mpqkit.quant.convert import quantized_class
+from mpqkit.quant.convert import passing_through, quantized_class
 from mpqkit.quant.layers import QuantConfig, QuantMixin, quantizable_layers
 from mpqkit.quant.quantizers import (
     LSQQuantizer,
@@ -618,24 +618,17 @@ class Supernet(nn.Module):
         seen: dict[str, Tensor] = {}
         hooks = [m.register_forward_pre_hook(
             lambda mod, inp, n=n: seen.__setitem__(n, inp[0].detach())) for n, m in layers.items()]
-        saved_bits: list[tuple[Quantizer, int]] = []
         for m in layers.values():
             if isinstance(m, MixedQuantMixin):
                 m.fp_mode = True
-            else:
-                for q in (m.wq, m.aq):
-                    saved_bits.append((q, q.bits))
-                    q.bits = FP
         was_training = self.training
         self.train()
-        try:
-            with frozen_bn_stats(self.net):
+        try:  # the fixed layers' quantizers pass through, as in mpqkit.quant.calibrate
+            with passing_through(self.net), frozen_bn_stats(self.net):
                 self.net(x)
         finally:
             for h in hooks:
                 h.remove()
-            for q, b in saved_bits:
-                q.bits = b
             for m in layers.values():
                 if isinstance(m, MixedQuantMixin):
                     m.fp_mode = False
