@@ -75,3 +75,16 @@ def test_evidence_smoke(cifar_dir: Path, tmp_path: Path, capsys: pytest.CaptureF
     again = capsys.readouterr().out
     assert "top-1" not in again.split("results:")[0] and ": ran," not in again
     assert [p.stat().st_mtime_ns for p in cells] == stamps
+
+    if not tin:
+        return
+    # the search-cost ratio measured in one process: proxy twice, target one epoch, extrapolated
+    assert ev.main([*argv, "--stage", "cost"]) == 0
+    cost = json.loads((tmp_path / "runs" / "search" / "2.5bits" / "cost.json").read_text())
+    assert len(cost["proxy"]) == 2 and cost["target"]["epochs"] == 1
+    assert len(cost["target"]["epoch_s"]) == 1 and cost["ratio_s"] > 0
+    assert cost["target_s_extrapolated"] > cost["target"]["wall_s"]  # 2 epochs from 1
+    res = json.loads(stem.with_suffix(".json").read_text())
+    assert res["search_cost"][0]["measured_ratio_s"] == pytest.approx(cost["ratio_s"])
+    goal = next(g for g in res["goal"] if g["is_goal"])
+    assert any("measured in one process" in c["check"] for c in goal["checks"])
