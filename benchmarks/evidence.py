@@ -54,6 +54,9 @@ H100, dominated by 162 fine-tunes of 10 epochs). The search-cost goal (>= 20x) c
 target search's wall time with the proxy search's: the target search is on half of
 Tiny-ImageNet-32 (50,000 images, 20x the proxy's 2,500, same epochs; the paper's reference
 searches on the whole target), so the check measures whether the wall time follows the images.
+The cells' wall times depend on what else ran and where a resumed search finished; ``--stage
+cost`` (not part of ``all``) measures the ratio in one process (``search/<b>bits/cost.json``),
+and the check uses that measurement when it exists.
 
 Resumable: one folder per cell under ``--out`` (default ``runs/evidence/<profile>``):
 ``search/<b>bits/<policy>/`` (``policy.json`` = finished; a killed search resumes from its
