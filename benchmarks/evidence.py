@@ -49,8 +49,14 @@ ASGA steps ~3,900 core-s: ~50 min per budget; 27 policies (12 at 2.5 bits, 15 at
 x 3 seeds = 162 fine-tunes of ~75 core-s (10,000 train images + 10,000 test images) ~47 s each,
 ~2.1 h; about 3.8 h in all (more than one working session: resumable), the goal's cells
 (2.5 bits) first. Not measured (the machine was busy). The ``gpu`` profile is
-for one GPU (4 loader workers) and nothing depends on it (estimate, not measured: ~5-8 h on one
-H100, dominated by 162 fine-tunes of 10 epochs). The search-cost goal (>= 20x) compares the
+for one GPU (4 loader workers) and nothing depends on it. Not run; from throughputs measured on
+one H200 (ResNet-20 QAT at batch 128: ~2,300 images/s eager, float32 or ``--amp``; ~6,300
+with ``--amp --compile``), its 162 fine-tunes of 10 epochs on 100,000 images take ~20 h eager
+(~7 h compiled with AMP, which the profile does not use), more than a lent GPU's time. The cpu
+profile's cells took ~5 s each on that GPU (1 epoch on 10,000 images and the 10,000-image
+evaluation), its Tiny-ImageNet-32 target search ~55 s per epoch.
+
+The search-cost goal (>= 20x) compares the
 target search's wall time with the proxy search's: the target search is on half of
 Tiny-ImageNet-32 (50,000 images, 20x the proxy's 2,500, same epochs; the paper's reference
 searches on the whole target), so the check measures whether the wall time follows the images.
