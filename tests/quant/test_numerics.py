@@ -195,3 +195,9 @@ def test_the_floored_form_takes_bf16_values_and_keeps_float32_statistics():
     torch.testing.assert_close(bn.running_mean, ref.running_mean)
     torch.testing.assert_close(bn.running_var, ref.running_var)
     torch.testing.assert_close(out.float(), out_ref, atol=2e-2, rtol=2e-2)
+    # a float64 model keeps float64 statistics (no detour through float32)
+    bn64, ref64 = FlooredBatchNorm2d(3).double().train(), torch.nn.BatchNorm2d(3).double().train()
+    y64 = torch.randn(8, 3, 5, 5, dtype=torch.float64) * 2.0 + 1.0
+    out64 = _floored_form(y64, bn64, VAR_FLOOR * bn64.running_var, 0.1, update=True)
+    assert out64.dtype == torch.float64
+    torch.testing.assert_close(out64, ref64(y64), rtol=1e-12, atol=1e-12)

@@ -205,9 +205,9 @@ def batch_norm_floored(y: Tensor, bn: nn.BatchNorm2d) -> Tensor:
 
 def _floored_form(y: Tensor, bn: nn.BatchNorm2d, floor: Tensor, momentum: float,
                   update: bool) -> Tensor:
-    # in float32 whatever y's dtype (bf16 under autocast), as the native kernel computes
-    # statistics: a bf16 variance is too coarse, and the running statistics stay float32
-    yf = y.float()
+    # in float32 at least (y is bf16 under autocast), as the native kernel computes statistics:
+    # a bf16 variance is too coarse, and the running statistics stay float32
+    yf = y if y.dtype in (torch.float32, torch.float64) else y.float()
     var, mean = torch.var_mean(yf, dim=[0, 2, 3], correction=0)
     if update:
         assert bn.running_mean is not None and bn.running_var is not None
@@ -216,7 +216,7 @@ def _floored_form(y: Tensor, bn: nn.BatchNorm2d, floor: Tensor, momentum: float,
             bn.running_mean.lerp_(mean.detach().to(bn.running_mean.dtype), momentum)
             bn.running_var.lerp_((var.detach() * n / max(n - 1, 1)).to(bn.running_var.dtype),
                                  momentum)
-    scale = torch.rsqrt(torch.maximum(var, floor.float()) + bn.eps)
+    scale = torch.rsqrt(torch.maximum(var, floor.to(var.dtype)) + bn.eps)
     if bn.weight is not None:
         scale = scale * bn.weight
     shift = -mean * scale
