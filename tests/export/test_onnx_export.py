@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -25,16 +26,12 @@ torch.set_num_threads(1)
 CYCLE = [(2, 2), (3, 3), (4, 4), (6, 6), (8, 8), (4, 2), (2, 4), (3, 6), (6, 3), (5, 5), (7, 7)]
 
 
-def mixed_model(weight_method: str = "lsq", act_method: str = "lsq",
-                per_channel: bool = False, seed: int = 0) -> tuple[torch.nn.Module, Policy]:
-    """resnet20 with BN statistics from random data, a 2..8-bit + FP policy, calibrated."""
-    torch.manual_seed(seed)
-    model = build_model("resnet20")
-    model.train()
-    with torch.no_grad():
-        for _ in range(2):
-            model(torch.randn(32, 3, 32, 32))
-    model.eval()
+def mixed_model(make: Callable[[int], torch.nn.Module], weight_method: str = "lsq",
+                act_method: str = "lsq", per_channel: bool = False,
+                seed: int = 0) -> tuple[torch.nn.Module, Policy]:
+    """resnet20 with BN statistics from random data (``make``: the ``resnet20_bn`` fixture),
+    a 2..8-bit + FP policy, calibrated."""
+    model = make(seed)
     names = list(profile_model(model, 32))
     bits = {n: CYCLE[i % len(CYCLE)] for i, n in enumerate(names)}
     bits[names[0]], bits[names[-1]] = (8, 8), (32, 32)
@@ -64,8 +61,8 @@ def assert_close_to_torch(model: torch.nn.Module, path: Path, n: int = 32) -> No
 
 
 @pytest.fixture(scope="module")
-def lsq_model() -> tuple[torch.nn.Module, Policy]:
-    return mixed_model()
+def lsq_model(resnet20_bn) -> tuple[torch.nn.Module, Policy]:
+    return mixed_model(resnet20_bn)
 
 
 @pytest.mark.parametrize("wm,am,pc,opset", [
@@ -75,8 +72,9 @@ def lsq_model() -> tuple[torch.nn.Module, Policy]:
     ("maxabs", "lsq", False, 13),
     ("dorefa", "pact", False, 25),
 ])
-def test_export_runs_like_pytorch(tmp_path: Path, wm: str, am: str, pc: bool, opset: int) -> None:
-    model, policy = mixed_model(wm, am, pc)
+def test_export_runs_like_pytorch(tmp_path: Path, resnet20_bn, wm: str, am: str, pc: bool,
+                                  opset: int) -> None:
+    model, policy = mixed_model(resnet20_bn, wm, am, pc)
     path = tmp_path / "m.onnx"
     # the graph as trained (BatchNorm nodes kept); the folded form: tests/quant/test_fold.py
     summary = export_onnx(model, path, opset=opset, fold_bn=False)

@@ -17,7 +17,6 @@ from mpqkit.engine.config import to_dict
 from mpqkit.export.deploy import export_reference
 from mpqkit.export.onnx_export import export_checkpoint, export_onnx
 from mpqkit.export.verify import make_session
-from mpqkit.models import build_model
 from mpqkit.policy import Policy
 from mpqkit.quant import QuantConfig, calibrate, quantize_model
 from mpqkit.quant.quantizers import Quantizer
@@ -25,15 +24,10 @@ from mpqkit.quant.quantizers import Quantizer
 torch.set_num_threads(1)
 
 
-def _folded_resnet20(w: int = 4, a: int = 4) -> tuple[nn.Module, Policy, QuantConfig]:
-    """resnet20 trained folded (fold_bn): 8-bit output quantizers on the convs feeding adds."""
-    torch.manual_seed(0)
-    model = build_model("resnet20")
-    model.train()
-    with torch.no_grad():
-        for _ in range(2):
-            model(torch.randn(32, 3, 32, 32))
-    model.eval()
+def _folded_resnet20(model: nn.Module, w: int = 4, a: int = 4
+                     ) -> tuple[nn.Module, Policy, QuantConfig]:
+    """``model`` (a resnet20 with BatchNorm statistics) quantized to be trained folded
+    (fold_bn): 8-bit output quantizers on the convs feeding adds."""
     policy = Policy.uniform(model, w, a, 32)
     cfg = QuantConfig(fold_bn=True)
     q = quantize_model(model, policy, cfg)
@@ -42,8 +36,8 @@ def _folded_resnet20(w: int = 4, a: int = 4) -> tuple[nn.Module, Policy, QuantCo
 
 
 @pytest.fixture(scope="module")
-def folded() -> tuple[nn.Module, Policy, QuantConfig]:
-    return _folded_resnet20()
+def folded(resnet20_bn) -> tuple[nn.Module, Policy, QuantConfig]:
+    return _folded_resnet20(resnet20_bn(0))
 
 
 def _optimized_ops(path: Path, tmp_path: Path) -> Counter[str]:
