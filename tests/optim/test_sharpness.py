@@ -576,3 +576,30 @@ def test_misuse_raises_config_error() -> None:
     bad = torch.optim.SGD([{"params": [nn.Parameter(torch.ones(1))], "perturb": "no"}], lr=0.1)
     with pytest.raises(ConfigError):
         ASGA(bad)
+
+
+def test_fused_statistics_match_per_parameter_ones() -> None:
+    """The fused dot products and finiteness test equal their per-parameter forms."""
+    from mpqkit.optim.sharpness import _all_finite, _sum_dots
+
+    torch.manual_seed(0)
+    a = [torch.randn(s, dtype=torch.float64) for s in ((3, 4), (7,), (2, 2, 2))]
+    b = [torch.randn_like(t) for t in a]
+    dev = torch.device("cpu")
+    torch.testing.assert_close(_sum_dots(a, b, dev, torch.float64),
+                               sum(torch.dot(x.flatten(), y.flatten()) for x, y in zip(a, b)),
+                               rtol=1e-14, atol=0.0)
+    torch.testing.assert_close(_sum_dots(a, None, dev, torch.float64),
+                               sum(x.pow(2).sum() for x in a), rtol=1e-14, atol=0.0)
+    assert float(_sum_dots([], None, dev, torch.float32)) == 0.0
+    assert bool(_all_finite(a, dev)) and bool(_all_finite([], dev))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        c = [t.clone() for t in a]
+        c[1][3] = bad
+        assert not bool(_all_finite(c, dev))
+    # mixed dtypes: a huge finite float64 grad is finite (no overflow through float32) and an
+    # inf in a float16 grad is not
+    huge = [torch.full((3,), 1e300, dtype=torch.float64), torch.ones(2, dtype=torch.float16)]
+    assert bool(_all_finite(huge, dev))
+    huge[1][0] = float("inf")
+    assert not bool(_all_finite(huge, dev))

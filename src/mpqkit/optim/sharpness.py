@@ -48,6 +48,7 @@ and the losses are averaged over ranks so that ``h`` and ``rho`` agree on every 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, nullcontext
@@ -118,8 +119,19 @@ def _scalar(value: Tensor | float, what: str) -> Tensor | float:
     return float(value)
 
 
-def _dot(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
-    return torch.dot(a.reshape(-1).to(dtype), b.reshape(-1).to(dtype))
+def _flat(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
+    return torch.cat([t.reshape(-1).to(dtype) for t in tensors])
+
+
+def _sum_dots(a: list[Tensor], b: list[Tensor] | None, device: torch.device,
+              dtype: torch.dtype) -> Tensor:
+    """``sum_i <a_i, b_i>`` (``b`` None: ``sum_i ||a_i||^2``) in ``dtype``, as one dot product of
+    the concatenated tensors: one kernel instead of one per parameter (the per-parameter calls
+    cost more than the arithmetic for a network's few hundred tensors)."""
+    if not a:
+        return torch.zeros((), device=device, dtype=dtype)
+    fa = _flat(a, dtype)
+    return torch.dot(fa, fa if b is None else _flat(b, dtype))
 
 
 def _stat_dtype(entries: list[tuple[Tensor, bool]]) -> torch.dtype:
@@ -133,10 +145,16 @@ def _as_tensor(value: Tensor | float, device: torch.device, dtype: torch.dtype) 
     return torch.tensor(value, device=device, dtype=dtype)
 
 
-def _sum(values: list[Tensor], device: torch.device, dtype: torch.dtype) -> Tensor:
-    if not values:
-        return torch.zeros((), device=device, dtype=dtype)
-    return torch.stack([v.to(device) for v in values]).sum()
+def _all_finite(tensors: list[Tensor], device: torch.device) -> Tensor:
+    """Whether every element of every tensor is finite, as a bool tensor on ``device``: the
+    largest magnitude of each (NaN if it holds a NaN), in one fused call."""
+    if not tensors:
+        return torch.ones((), dtype=torch.bool, device=device)
+    peaks = torch._foreach_norm(tensors, float("inf"))
+    if len({(t.dtype, t.device) for t in peaks}) > 1:
+        dtype = functools.reduce(torch.promote_types, {t.dtype for t in peaks})
+        peaks = [t.to(device, dtype) for t in peaks]
+    return torch.stack(list(peaks)).to(device).isfinite().all()
 
 
 class SharpnessAware(Optimizer):
@@ -345,7 +363,10 @@ class SharpnessAware(Optimizer):
                     "build the embedding with sparse=False"
                 )
         if not self._dist_active() or self._world() == 1:
-            return {p: p.grad.detach().clone() for p, _ in entries if p.grad is not None}
+            have = [p for p, _ in entries if p.grad is not None]
+            # copies (x * 1.0 is exact, -0.0 and NaN included), one fused call for all
+            return dict(zip(have, torch._foreach_mul([p.grad.detach() for p in have], 1.0),
+                            strict=True))
         if not entries:
             return {}
         device = entries[0][0].device
@@ -400,15 +421,12 @@ class SharpnessAware(Optimizer):
                 "parameters"
             )
         grads = self._collect_grads(entries)
-        if scale != 1.0:
-            for g in grads.values():
-                g.div_(scale)
+        if scale != 1.0 and grads:
+            torch._foreach_div_(list(grads.values()), scale)
         perturbed = [p for p, perturb in entries if perturb and p in grads]
         if perturbed:
-            dtype = _stat_dtype(entries)
-            norm_sq = _sum(
-                [_dot(grads[p], grads[p], dtype) for p in perturbed], entries[0][0].device, dtype
-            )
+            norm_sq = _sum_dots([grads[p] for p in perturbed], None, entries[0][0].device,
+                                _stat_dtype(entries))
             grad_norm = float(norm_sq.sqrt())
         else:
             grad_norm = 0.0
@@ -416,10 +434,11 @@ class SharpnessAware(Optimizer):
         theta: dict[Tensor, Tensor] = {}
         if math.isfinite(grad_norm):
             coef = rho / (grad_norm + self.eps) - self.gamma
-            if coef != 0.0:
-                for p in perturbed:
-                    theta[p] = p.detach().clone()
-                    p.add_(grads[p].to(p.dtype), alpha=coef)
+            if coef != 0.0 and perturbed:
+                params = [p.detach() for p in perturbed]
+                theta = dict(zip(perturbed, torch._foreach_mul(params, 1.0), strict=True))
+                torch._foreach_add_(params, [grads[p].to(p.dtype) for p in perturbed],
+                                    alpha=coef)
         for p, _ in entries:
             p.grad = None
         self._entries = entries
@@ -434,9 +453,14 @@ class SharpnessAware(Optimizer):
     @torch.no_grad()
     def cancel_step(self) -> None:
         """Abandon a step begun by :meth:`first_step`: restore ``theta`` exactly, no update."""
-        for p, theta in self._theta.items():
-            p.copy_(theta)
+        self._restore()
         self._clear_pass()
+
+    def _restore(self) -> None:
+        """The perturbed params back to ``theta`` (exact copies)."""
+        if self._theta:
+            torch._foreach_copy_([p.detach() for p in self._theta],
+                                 list(self._theta.values()))
 
     @torch.no_grad()
     def second_step(
@@ -463,15 +487,13 @@ class SharpnessAware(Optimizer):
                 f"second_step() got a loss scale of {scale} but first_step() got {self._scale}; "
                 "pass the same GradScaler to both and call scaler.update() after second_step()"
             )
-        for p, theta in self._theta.items():
-            p.copy_(theta)
+        self._restore()
         entries, grads = self._entries, self._g
         device = entries[0][0].device
         stat_dtype = _stat_dtype(entries)
-        dot_p, adv2_p, dot_all, adv2_all = self._adv_grad_dots(entries, grads, scale, stat_dtype)
-        dot_p_t = _sum(dot_p, device, stat_dtype)
-        adv2_p_t = _sum(adv2_p, device, stat_dtype)
-        self._combine(entries, grads, dot_all, adv2_all, device, stat_dtype)
+        self._unscale_adv(entries, scale)
+        dot_p_t, adv2_p_t = self._adv_grad_dots(entries, grads, stat_dtype, perturbed_only=True)
+        self._combine(entries, grads, stat_dtype)
         if before_update is not None:
             with torch.enable_grad():
                 before_update()
@@ -488,55 +510,44 @@ class SharpnessAware(Optimizer):
         self._clear_pass()
         return self.stats
 
+    def _unscale_adv(self, entries: list[tuple[Tensor, bool]], scale: float) -> None:
+        """Check that the pass-2 grads are dense and divide them by the loss scale."""
+        adv = [p.grad for p, _ in entries if p.grad is not None]
+        if any(ga.is_sparse for ga in adv):
+            self._clear_pass()
+            raise ConfigError(
+                "sparse gradients are not supported by sharpness-aware optimizers; "
+                "build the embedding with sparse=False"
+            )
+        if scale != 1.0 and adv:
+            torch._foreach_div_(adv, scale)
+
     def _adv_grad_dots(
         self,
         entries: list[tuple[Tensor, bool]],
         grads: dict[Tensor, Tensor],
-        scale: float,
         stat_dtype: torch.dtype,
-    ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
-        """Unscale the pass-2 grads; ``<g, g_adv>`` and ``||g_adv||^2`` terms (perturbed, all)."""
-        dot_p: list[Tensor] = []
-        adv2_p: list[Tensor] = []
-        dot_all: list[Tensor] = []
-        adv2_all: list[Tensor] = []
-        for p, perturb in entries:
-            ga = p.grad
-            if ga is None:
-                continue
-            if ga.is_sparse:
-                self._clear_pass()
-                raise ConfigError(
-                    "sparse gradients are not supported by sharpness-aware optimizers; "
-                    "build the embedding with sparse=False"
-                )
-            if scale != 1.0:
-                ga.div_(scale)
-            sq = _dot(ga, ga, stat_dtype)
-            adv2_all.append(sq)
-            g = grads.get(p)
-            dot = _dot(g, ga, stat_dtype) if g is not None else None
-            if dot is not None:
-                dot_all.append(dot)
-            if perturb:
-                adv2_p.append(sq)
-                if dot is not None:
-                    dot_p.append(dot)
-        return dot_p, adv2_p, dot_all, adv2_all
+        perturbed_only: bool,
+    ) -> tuple[Tensor, Tensor]:
+        """``<g, g_adv>`` and ``||g_adv||^2`` over the perturbed params (or all of them)."""
+        device = entries[0][0].device
+        sel = [p for p, perturb in entries
+               if p.grad is not None and (perturb or not perturbed_only)]
+        both = [p for p in sel if p in grads]
+        dot = _sum_dots([grads[p] for p in both], [p.grad for p in both], device, stat_dtype)
+        adv2 = _sum_dots([p.grad for p in sel], None, device, stat_dtype)
+        return dot, adv2
 
     def _combine(
         self,
         entries: list[tuple[Tensor, bool]],
         grads: dict[Tensor, Tensor],
-        dot_all: list[Tensor],
-        adv2_all: list[Tensor],
-        device: torch.device,
         stat_dtype: torch.dtype,
     ) -> None:
         """Set the grads to the update direction of :attr:`update` (``"adv"``: left as is)."""
         if self.update == "gsam":
-            dot_all_t = _sum(dot_all, device, stat_dtype)
-            adv2_all_t = _sum(adv2_all, device, stat_dtype)
+            dot_all_t, adv2_all_t = self._adv_grad_dots(entries, grads, stat_dtype,
+                                                        perturbed_only=False)
             positive = adv2_all_t > 0
             proj = torch.where(positive, dot_all_t / torch.where(positive, adv2_all_t, 1.0), 0.0)
             self._combine_gsam(entries, grads, proj)
@@ -557,8 +568,7 @@ class SharpnessAware(Optimizer):
         The losses are averaged over ranks when distributed; ``finite`` is 1.0 when every grad
         is finite.
         """
-        flags = [torch.isfinite(g).all().to(device) for g in all_grads if g is not None]
-        finite_t = torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool)
+        finite_t = _all_finite([g for g in all_grads if g is not None], device)
         losses = torch.stack(
             [_as_tensor(v, device, stat_dtype) for v in (self._loss, loss_adv_value)]
         )
@@ -631,6 +641,8 @@ class SharpnessAware(Optimizer):
 
     @staticmethod
     def _combine_mean(entries: list[tuple[Tensor, bool]], grads: dict[Tensor, Tensor]) -> None:
+        adv: list[Tensor] = []
+        first: list[Tensor] = []
         for p, _ in entries:
             g = grads.get(p)
             if g is None:
@@ -639,7 +651,11 @@ class SharpnessAware(Optimizer):
             elif p.grad is None:
                 p.grad = g.mul_(0.5)
             else:
-                p.grad.add_(g).mul_(0.5)
+                adv.append(p.grad)
+                first.append(g)
+        if adv:  # (g_adv + g) * 0.5, fused over the params
+            torch._foreach_add_(adv, first)
+            torch._foreach_mul_(adv, 0.5)
 
     def _combine_gsam(
         self, entries: list[tuple[Tensor, bool]], grads: dict[Tensor, Tensor], proj: Tensor

@@ -195,7 +195,7 @@ def _lsq_cpu_blocks(x: Tensor, g: Tensor, s: Tensor, qmin: int,
         torch.eq(torch.clamp(t, qmin, qmax, out=c), t, out=m)
         torch.mul(gb, m, out=ob)
         e = c.round_().addcmul_(t, m, value=-1)  # q - x/s inside the range, q outside
-        parts.append(e.mul_(gb).sum())  # a cascade sum: as accurate as the reference's
+        parts.append(torch.dot(e, gb))  # one pass (product and sum fused)
     total = torch.stack(parts).sum() if parts else s.new_zeros(())
     return (grad_x, total) if bool(total.isfinite()) else None
 
