@@ -150,6 +150,8 @@ class Profile:
     max_steps: int | None = None  # smoke only: epochs cut to this many steps
     workers: int = 0
     hawq: dict[str, int] = field(default_factory=dict)  # smoke only: fewer Hessian samples
+    rank_calib_batches: int = 8  # --stage rank: proxy batches of 128 re-estimating BatchNorm
+    rank_batches: int = 16  # --stage rank: CIFAR-10 test batches of 128 rating each policy
 
 
 PROFILES = {
@@ -159,7 +161,8 @@ PROFILES = {
     "gpu": Profile("gpu", (2.5, 3.0), 2500, 25, 256, None, None, 10, 128, None, (0, 1, 2),
                    16, 128, workers=4),
     "smoke": Profile("smoke", (2.5,), 200, 2, 64, 400, 200, 1, 64, 200, (0, 1), 1, 32,
-                     max_steps=2, hawq={"hawq_batches": 1, "hawq_iters": 2}),
+                     max_steps=2, hawq={"hawq_batches": 1, "hawq_iters": 2},
+                   rank_calib_batches=1, rank_batches=1),
 }
 
 
@@ -522,6 +525,32 @@ def spearman(rows: list[dict[str, Any]], target: str, bits: float | None) -> dic
     return res
 
 
+def supernet_ranks(rows: list[dict[str, Any]], bits: float, out: Path) -> list[dict[str, Any]]:
+    """Per proxy supernet with a ``rank.json`` (``--stage rank``): its rating of each policy
+    against the policy's fine-tuned top-1, and Spearman's rho of the two per target."""
+    from scipy.stats import spearmanr
+
+    acc = {r["policy"]: r["acc"] for r in rows if r["budget_bits"] == bits}
+    res = []
+    for src in sources(bits):
+        f = search_dir(out, bits, src) / "rank.json"
+        if not f.is_file():
+            continue
+        rates = json.loads(f.read_text())["policies"]
+        item: dict[str, Any] = {"budget_bits": bits, "supernet": src.name,
+                                "rated": {n: v["top1"] for n, v in rates.items()}}
+        for t in TARGETS:
+            pts = [(v, acc[n][t]["mean"]) for n, v in item["rated"].items()
+                   if n in acc and acc[n][t]["mean"] is not None]
+            rho = p = None
+            if len(pts) >= 3:
+                rho, p = (float(v) for v in spearmanr(*zip(*pts)))
+            item[t] = {"n": len(pts), "rho": None if rho is None or math.isnan(rho) else rho,
+                       "p": p}
+        res.append(item)
+    return res
+
+
 def ablation(rows: list[dict[str, Any]], bits: float) -> list[dict[str, Any]]:
     out = []
     for r in rows:
@@ -546,6 +575,8 @@ def collect(args: argparse.Namespace, prof: Profile) -> dict[str, Any]:
         "spearman": [spearman(rows, t, b) for t in TARGETS
                      for b in (*prof.budgets, *([None] if len(prof.budgets) > 1 else []))],
         "rho_ablation": [a for b in prof.budgets for a in ablation(rows, b)],
+        "supernet_rank": [r for b in prof.budgets
+                          for r in supernet_ranks(rows, b, Path(args.out))],
     }
 
 
@@ -644,6 +675,25 @@ def md_rest(res: dict[str, Any]) -> list[str]:
               f"{' '.join(f'{x:.2f}' for x in a['argmax_ratio_per_epoch'] or [])} | "
               f"{_f(a['layers_repaired'], 'd')} | {_f(a['search_s'], '.0f')} |"
               for a in res["rho_ablation"]]
+    return lines + md_ranks(res)
+
+
+def md_ranks(res: dict[str, Any]) -> list[str]:
+    """The supernets' own ratings of the policies against the fine-tuned top-1."""
+    if not res["supernet_rank"]:
+        return []
+    lines = ["", "## The supernets' own rating of the policies (`--stage rank`)", "",
+             "Each proxy supernet, set to one policy at a time (its shared weights, BatchNorm "
+             "statistics re-estimated on proxy images), rates every policy of its budget by "
+             "top-1 on CIFAR-10 test images; Spearman's rho of that rating against the "
+             "policies' fine-tuned top-1. Top 3: the policies it rates best.", "",
+             "| budget | supernet | rho (Tiny-ImageNet-32) | rho (CIFAR-10) | its top 3 |",
+             "|---|---|---|---|---|"]
+    for r in res["supernet_rank"]:
+        top = sorted(r["rated"], key=lambda n: -r["rated"][n])[:3]
+        lines.append(f"| {r['budget_bits']:g} | {r['supernet']} | {_f(r['tin']['rho'])} "
+                     f"(n {r['tin']['n']}) | {_f(r['cifar']['rho'])} (n {r['cifar']['n']}) | "
+                     + ", ".join(f"{n} {r['rated'][n]:.1f}" for n in top) + " |")
     return lines
 
 
@@ -812,6 +862,55 @@ def stage_cost(bits: float, args: argparse.Namespace, prof: Profile, state: dict
     write_results(args, prof, state["meta"])
 
 
+def _rank_batches(prof: Profile) -> tuple[list[Any], list[Any]]:
+    """BatchNorm batches from the proxy subset, rating batches from the CIFAR-10 test split."""
+    from mpqkit.data import build_data, make_loader
+
+    def take(ds: Any, n: int, train: bool) -> list[Any]:
+        it = make_loader(ds, 128, train=train, seed=DATA_SEED)
+        return [(b[0], b[1]) for _, b in zip(range(n), it)]
+
+    b = build_data(DataConfig(name="cifar10", subset=prof.proxy_subset, seed=DATA_SEED,
+                              input_size=INPUT, augment=False))
+    return take(b.train, prof.rank_calib_batches, True), take(b.test, prof.rank_batches, False)
+
+
+def stage_rank(bits: float, args: argparse.Namespace, prof: Profile, state: dict) -> None:
+    """Each proxy supernet's own rating of every policy of the budget (``rank.json``).
+
+    :func:`mpqkit.search.rate_policy`: the policy's sub-network of the trained supernet, its
+    BatchNorm statistics re-estimated on proxy images, top-1 on CIFAR-10 test images. Set
+    against the policies' fine-tuned top-1 it shows whether the search objective ranks policies
+    as fine-tuning does. Needs the search cells' ``last.safetensors``.
+    """
+    from mpqkit.engine import load_checkpoint_model
+    from mpqkit.search import rate_policy
+
+    out = Path(args.out)
+    pols = {s.name: search_dir(out, bits, s) / "policy.json" for s in sources(bits)
+            if s.finetuned and (search_dir(out, bits, s) / "policy.json").is_file()}
+    data: tuple[list[Any], list[Any]] | None = None
+    for src in selected(bits, args):
+        d = search_dir(out, bits, src)
+        if (src.method not in SUPERNET or src.data != "cifar10" or (d / "rank.json").is_file()
+                or not (d / "last.safetensors").is_file()):
+            continue
+        t0 = time.time()
+        data = data or _rank_batches(prof)
+        sn, _ = load_checkpoint_model(d / "last.safetensors")
+        rates = {}
+        for name, path in pols.items():
+            bits_of = {n: (lp.w_bits, lp.a_bits) for n, lp in Policy.load(path).layers.items()}
+            rates[name] = rate_policy(sn, bits_of, *data)
+        (d / "rank.json").write_text(json.dumps(
+            {"supernet": src.name, "budget_bits": bits, "calib_batches": len(data[0]),
+             "images": rates[next(iter(rates))]["images"] if rates else 0,
+             "policies": rates}, indent=1) + "\n")
+        print(f"[rank {bits:g} bits] {src.name}'s supernet rated {len(rates)} policies "
+              f"({time.time() - t0:.0f}s)", flush=True)
+        write_results(args, prof, state["meta"])
+
+
 def stage_finetune(bits: float, args: argparse.Namespace, prof: Profile, state: dict) -> None:
     for target in args.targets:
         if target == "tin" and not args.tin_weights:
@@ -847,8 +946,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="where evidence_PROFILE.{json,md,png} go")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--only-budgets", default="", help="e.g. 2.5: run only these budgets")
-    ap.add_argument("--stage", choices=["search", "finetune", "cost", "all"], default="all",
-                    help="cost: measure the search-cost ratio in one process (not part of all)")
+    ap.add_argument("--stage", choices=["search", "finetune", "rank", "cost", "all"],
+                    default="all", help="cost: measure the search-cost ratio in one process "
+                    "(not part of all); rank: each proxy supernet's rating of every policy")
     ap.add_argument("--cost-target-epochs", type=int, default=1,
                     help="epochs of the target search timed by --stage cost (extrapolated)")
     ap.add_argument("--only-policies", default="",
@@ -897,6 +997,8 @@ def main(argv: list[str] | None = None) -> int:
             stage_search(bits, args, prof, state)
         if args.stage in ("finetune", "all"):
             stage_finetune(bits, args, prof, state)
+        if args.stage in ("rank", "all"):
+            stage_rank(bits, args, prof, state)
         if args.stage == "cost":
             stage_cost(bits, args, prof, state)
     stem = write_results(args, prof, meta, final=True)

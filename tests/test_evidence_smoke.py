@@ -67,6 +67,14 @@ def test_evidence_smoke(cifar_dir: Path, tmp_path: Path, capsys: pytest.CaptureF
     sp = [s for s in res["spearman"] if s["target"] == "cifar"]
     assert sp and sp[0]["n"] == 4  # the four proxy-searched supernets have a gap
     assert sorted(a["adaptive"] for a in res["rho_ablation"]) == [False, True]
+    # every proxy supernet rated every fine-tuned policy (--stage rank, part of all)
+    ranks = {r["supernet"]: r for r in res["supernet_rank"]}
+    assert set(ranks) == {"asga", "edmips", "gmpq", "seam", "asga-rho-ablation"}
+    for r in ranks.values():
+        assert set(r["rated"]) == names - (set() if tin else {"asga-target"})
+        assert all(0.0 <= v <= 100.0 for v in r["rated"].values())
+        assert r["cifar"]["n"] == len(r["rated"])
+    assert "own rating of the policies" in md
 
     # resumable: a second call runs nothing
     cells = sorted((tmp_path / "runs").rglob("result.json"))
@@ -74,6 +82,7 @@ def test_evidence_smoke(cifar_dir: Path, tmp_path: Path, capsys: pytest.CaptureF
     assert ev.main(argv) == 0
     again = capsys.readouterr().out
     assert "top-1" not in again.split("results:")[0] and ": ran," not in again
+    assert "rated" not in again
     assert [p.stat().st_mtime_ns for p in cells] == stamps
 
     if not tin:

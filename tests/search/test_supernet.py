@@ -249,3 +249,32 @@ def test_parse_candidates_errors():
         parse_candidates([4, 32])
     with pytest.raises(ConfigError, match="commas"):
         parse_candidates("a,b")
+
+
+def test_set_policy_and_rate_policy(resnet_supernet):
+    """A policy's sub-network is rated on a copy (the supernet is untouched), with its own
+    BatchNorm statistics; bad policies get one-line errors."""
+    from mpqkit.errors import ConfigError
+    from mpqkit.search import rate_policy
+
+    _, sn = resnet_supernet
+    gen = torch.Generator().manual_seed(3)
+    bits = {n: (CANDS[int(torch.randint(4, (1,), generator=gen))],
+                CANDS[int(torch.randint(4, (1,), generator=gen))]) for n in sn.searchable}
+    before = copy.deepcopy(sn.state_dict())
+    x = torch.randn(16, 3, 16, 16)
+    batches = [(x[:8], torch.randint(0, 10, (8,))), (x[8:], torch.randint(0, 10, (8,)))]
+    r = rate_policy(sn, bits, batches[:1], batches)
+    assert r["images"] == 16 and 0.0 <= r["top1"] <= 100.0 and r["loss"] > 0
+    after = sn.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # logits, BN stats kept
+    assert rate_policy(sn, bits, batches[:1], batches) == r  # deterministic
+    other = rate_policy(sn, {n: (2, 2) for n in sn.searchable}, batches[:1], batches)
+    assert other["loss"] != r["loss"]  # the policy changes the sub-network
+    one = copy.deepcopy(sn)
+    one.set_policy(bits)
+    assert {n: one.argmax_bits()[n] for n in sn.searchable} == bits
+    with pytest.raises(ConfigError, match="no bits for searchable layer"):
+        one.set_policy({n: b for n, b in bits.items() if n != "layer1.0.conv1"})
+    with pytest.raises(ConfigError, match="not among the supernet's candidates"):
+        one.set_policy({**bits, "layer1.0.conv1": (5, 3)})

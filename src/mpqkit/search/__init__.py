@@ -35,6 +35,7 @@ from mpqkit.search.supernet import (
     Supernet,
     build_supernet,
     mix_quantized,
+    rate_policy,
 )
 
 __all__ = [
@@ -42,6 +43,6 @@ __all__ = [
     "Provenance", "SearchConfig", "SearchContext", "SearchResult", "Supernet", "SupernetMethod",
     "SupernetSearch", "achievable_range", "available_methods", "build_context",
     "build_supernet", "check_feasible", "get_method", "hawq_search", "hutchinson_trace",
-    "load_search_config", "method_specs", "mix_quantized", "random_bits", "register_method",
-    "repair", "search", "uniform_bits",
+    "load_search_config", "method_specs", "mix_quantized", "random_bits", "rate_policy",
+    "register_method", "repair", "search", "uniform_bits",
 ]

@@ -603,6 +603,22 @@ class Supernet(nn.Module):
                                 w_candidates=self.w_candidates, a_candidates=self.a_candidates,
                                 provenance=prov, budget=budget, infos=self.infos)
 
+    def set_policy(self, bits: Mapping[str, tuple[int, int]]) -> None:
+        """Put (almost) all of every searchable layer's mass on its bits in ``bits`` (keyed by
+        module name, e.g. a policy's ``{name: (w_bits, a_bits)}``): the supernet then computes
+        that policy's sub-network with the shared weights."""
+        for name, layer in self._mixed.items():
+            if name not in bits:
+                raise ConfigError(f"the policy has no bits for searchable layer {name!r}: give "
+                                  "a policy of this model (every layer, keyed by module name)")
+            w, a = bits[name]
+            if w not in layer.w_candidates or a not in layer.a_candidates:
+                raise ConfigError(
+                    f"{name}: w{w}a{a} is not among the supernet's candidates (weights "
+                    f"{list(layer.w_candidates)}, activations {list(layer.a_candidates)}): "
+                    "rate policies searched with the same candidates")
+            layer.set_one_hot(int(w), int(a))
+
     # -- calibration ----------------------------------------------------------------------------
     @torch.no_grad()
     def calibrate(self, x: Tensor) -> None:
@@ -694,3 +710,33 @@ def build_supernet(model: nn.Module, input_size: int | tuple[int, int], *,
         _set_submodule(net, name, new)
     return Supernet(net, infos, searchable, fixed_bits, wc, ac, hw, first_last, model_name,
                     config)
+
+
+@torch.no_grad()
+def rate_policy(supernet: Supernet, bits: Mapping[str, tuple[int, int]],
+                calib: Sequence[tuple[Tensor, Tensor]],
+                batches: Sequence[tuple[Tensor, Tensor]]) -> dict[str, float]:
+    """How the supernet's shared weights rate a policy: the sub-network of ``bits``
+    (:meth:`Supernet.set_policy`, on a copy) with its BatchNorm statistics re-estimated on the
+    ``calib`` batches (a cumulative average in training mode, as one-shot NAS evaluates its
+    sub-networks), then top-1 (%) and mean cross-entropy on ``batches``.
+    """
+    net = copy.deepcopy(supernet)
+    net.set_policy(bits)
+    for m in net.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the calib batches
+    net.train()
+    for x, _ in calib:
+        net(x)
+    net.eval()
+    correct, loss, n = 0, 0.0, 0
+    for x, y in batches:
+        out = net(x)
+        loss += float(F.cross_entropy(out, y, reduction="sum"))
+        correct += int((out.argmax(1) == y).sum())
+        n += int(y.numel())
+    if n == 0:
+        raise ConfigError("rate_policy needs at least one evaluation batch")
+    return {"top1": 100.0 * correct / n, "loss": loss / n, "images": n}
