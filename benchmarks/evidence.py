@@ -64,6 +64,13 @@ The cells' wall times depend on what else ran and where a resumed search finishe
 cost`` (not part of ``all``) measures the ratio in one process (``search/<b>bits/cost.json``),
 and the check uses that measurement when it exists.
 
+``--stage rank`` (part of ``all``, after the fine-tunes) asks each proxy supernet how it rates
+every policy of its budget (:func:`mpqkit.search.rate_policy`: the policy's sub-network with
+the supernet's shared weights, BatchNorm re-estimated on proxy images, top-1 on class-balanced
+CIFAR-10 test images; ``rank.json`` in the search cell, which needs its ``last.safetensors``)
+and sets the ratings against the fine-tuned top-1: whether the search objective ranks policies
+as fine-tuning does, and whether the search returns the policy its own supernet rates best.
+
 Resumable: one folder per cell under ``--out`` (default ``runs/evidence/<profile>``):
 ``search/<b>bits/<policy>/`` (``policy.json`` = finished; a killed search resumes from its
 ``last.safetensors``; ``sharpness.json`` beside it) and ``finetune/<b>bits/<target>/<policy>/
@@ -75,6 +82,7 @@ After every cell the results so far are rewritten (missing cells marked pending)
     python benchmarks/evidence.py --profile smoke --results-dir /tmp/ev --out /tmp/ev/runs
     python benchmarks/evidence.py --only-budgets 2.5 --targets tin --stage search
     python benchmarks/evidence.py --threads 1 --only-budgets 2.5 --stage cost   # the cost ratio
+    python benchmarks/evidence.py --threads 1 --stage rank      # the supernets' own ratings
 """
 
 from __future__ import annotations
@@ -151,7 +159,7 @@ class Profile:
     workers: int = 0
     hawq: dict[str, int] = field(default_factory=dict)  # smoke only: fewer Hessian samples
     rank_calib_batches: int = 8  # --stage rank: proxy batches of 128 re-estimating BatchNorm
-    rank_batches: int = 16  # --stage rank: CIFAR-10 test batches of 128 rating each policy
+    rank_test_images: int = 5000  # --stage rank: CIFAR-10 test images (class-balanced)
 
 
 PROFILES = {
@@ -162,7 +170,7 @@ PROFILES = {
                    16, 128, workers=4),
     "smoke": Profile("smoke", (2.5,), 200, 2, 64, 400, 200, 1, 64, 200, (0, 1), 1, 32,
                      max_steps=2, hawq={"hawq_batches": 1, "hawq_iters": 2},
-                   rank_calib_batches=1, rank_batches=1),
+                   rank_calib_batches=1, rank_test_images=100),
 }
 
 
@@ -863,16 +871,16 @@ def stage_cost(bits: float, args: argparse.Namespace, prof: Profile, state: dict
 
 
 def _rank_batches(prof: Profile) -> tuple[list[Any], list[Any]]:
-    """BatchNorm batches from the proxy subset, rating batches from the CIFAR-10 test split."""
+    """BatchNorm batches from the proxy subset (shuffled), rating batches: a class-balanced
+    subset of the CIFAR-10 test split (the split is ordered by class)."""
     from mpqkit.data import build_data, make_loader
 
-    def take(ds: Any, n: int, train: bool) -> list[Any]:
-        it = make_loader(ds, 128, train=train, seed=DATA_SEED)
-        return [(b[0], b[1]) for _, b in zip(range(n), it)]
-
-    b = build_data(DataConfig(name="cifar10", subset=prof.proxy_subset, seed=DATA_SEED,
+    b = build_data(DataConfig(name="cifar10", subset=prof.proxy_subset,
+                              test_subset=prof.rank_test_images, seed=DATA_SEED,
                               input_size=INPUT, augment=False))
-    return take(b.train, prof.rank_calib_batches, True), take(b.test, prof.rank_batches, False)
+    calib = make_loader(b.train, 128, train=True, seed=DATA_SEED)
+    return ([(x[0], x[1]) for _, x in zip(range(prof.rank_calib_batches), calib)],
+            [(x[0], x[1]) for x in make_loader(b.test, 128, train=False)])
 
 
 def stage_rank(bits: float, args: argparse.Namespace, prof: Profile, state: dict) -> None:
