@@ -278,3 +278,5 @@ def test_set_policy_and_rate_policy(resnet_supernet):
         one.set_policy({n: b for n, b in bits.items() if n != "layer1.0.conv1"})
     with pytest.raises(ConfigError, match="not among the supernet's candidates"):
         one.set_policy({**bits, "layer1.0.conv1": (5, 3)})
+    with pytest.raises(ConfigError, match="at least one batch"):
+        rate_policy(sn, bits, [], batches)

@@ -721,22 +721,25 @@ def rate_policy(supernet: Supernet, bits: Mapping[str, tuple[int, int]],
     ``calib`` batches (a cumulative average in training mode, as one-shot NAS evaluates its
     sub-networks), then top-1 (%) and mean cross-entropy on ``batches``.
     """
+    if not calib or not batches:
+        raise ConfigError("rate_policy needs at least one batch for the BatchNorm statistics "
+                          "(calib) and one to rate on (batches)")
     net = copy.deepcopy(supernet)
     net.set_policy(bits)
+    dev = next(net.parameters()).device  # the batches go where the supernet is
     for m in net.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.reset_running_stats()
             m.momentum = None  # cumulative average over the calib batches
     net.train()
     for x, _ in calib:
-        net(x)
+        net(x.to(dev))
     net.eval()
     correct, loss, n = 0, 0.0, 0
     for x, y in batches:
-        out = net(x)
+        y = y.to(dev)
+        out = net(x.to(dev))
         loss += float(F.cross_entropy(out, y, reduction="sum"))
         correct += int((out.argmax(1) == y).sum())
         n += int(y.numel())
-    if n == 0:
-        raise ConfigError("rate_policy needs at least one evaluation batch")
     return {"top1": 100.0 * correct / n, "loss": loss / n, "images": n}
