@@ -912,7 +912,7 @@ def stage_rank(bits: float, args: argparse.Namespace, prof: Profile, state: dict
             rates[name] = rate_policy(sn, bits_of, *data)
         (d / "rank.json").write_text(json.dumps(
             {"supernet": src.name, "budget_bits": bits, "calib_batches": len(data[0]),
-             "images": rates[next(iter(rates))]["images"] if rates else 0,
+             "images": rates[next(iter(rates))]["n"] if rates else 0,
              "policies": rates}, indent=1) + "\n")
         print(f"[rank {bits:g} bits] {src.name}'s supernet rated {len(rates)} policies "
               f"({time.time() - t0:.0f}s)", flush=True)

@@ -119,8 +119,8 @@ def _scalar(value: Tensor | float, what: str) -> Tensor | float:
     return float(value)
 
 
-def _flat(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
-    return torch.cat([t.reshape(-1).to(dtype) for t in tensors])
+def _flat(tensors: list[Tensor], device: torch.device, dtype: torch.dtype) -> Tensor:
+    return torch.cat([t.reshape(-1).to(device, dtype) for t in tensors])
 
 
 def _sum_dots(a: list[Tensor], b: list[Tensor] | None, device: torch.device,
@@ -130,8 +130,8 @@ def _sum_dots(a: list[Tensor], b: list[Tensor] | None, device: torch.device,
     cost more than the arithmetic for a network's few hundred tensors)."""
     if not a:
         return torch.zeros((), device=device, dtype=dtype)
-    fa = _flat(a, dtype)
-    return torch.dot(fa, fa if b is None else _flat(b, dtype))
+    fa = _flat(a, device, dtype)
+    return torch.dot(fa, fa if b is None else _flat(b, device, dtype))
 
 
 def _stat_dtype(entries: list[tuple[Tensor, bool]]) -> torch.dtype:

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mpqkit.complexity import FP, MB, LayerInfo, normalize_input_size, profile_model
+from mpqkit.engine.trainer import evaluate_model
 from mpqkit.errors import ConfigError, ModelError
 from mpqkit.optim.bn import frozen_bn_stats
 from mpqkit.policy import FIRST_LAST_MODES, Policy, first_last_bits, first_last_layers
@@ -719,7 +720,8 @@ def rate_policy(supernet: Supernet, bits: Mapping[str, tuple[int, int]],
     """How the supernet's shared weights rate a policy: the sub-network of ``bits``
     (:meth:`Supernet.set_policy`, on a copy) with its BatchNorm statistics re-estimated on the
     ``calib`` batches (a cumulative average in training mode, as one-shot NAS evaluates its
-    sub-networks), then top-1 (%) and mean cross-entropy on ``batches``.
+    sub-networks), then :func:`~mpqkit.engine.trainer.evaluate_model` on ``batches``: loss,
+    top-1 and top-5 (%), images ``n``.
     """
     if not calib or not batches:
         raise ConfigError("rate_policy needs at least one batch for the BatchNorm statistics "
@@ -734,12 +736,4 @@ def rate_policy(supernet: Supernet, bits: Mapping[str, tuple[int, int]],
     net.train()
     for x, _ in calib:
         net(x.to(dev))
-    net.eval()
-    correct, loss, n = 0, 0.0, 0
-    for x, y in batches:
-        y = y.to(dev)
-        out = net(x.to(dev))
-        loss += float(F.cross_entropy(out, y, reduction="sum"))
-        correct += int((out.argmax(1) == y).sum())
-        n += int(y.numel())
-    return {"top1": 100.0 * correct / n, "loss": loss / n, "images": n}
+    return evaluate_model(net, batches, dev, desc="rating", progress=False)
