@@ -170,7 +170,7 @@ PROFILES = {
                    16, 128, workers=4),
     "smoke": Profile("smoke", (2.5,), 200, 2, 64, 400, 200, 1, 64, 200, (0, 1), 1, 32,
                      max_steps=2, hawq={"hawq_batches": 1, "hawq_iters": 2},
-                   rank_calib_batches=1, rank_test_images=100),
+                     rank_calib_batches=1, rank_test_images=100),
 }
 
 
@@ -516,28 +516,31 @@ def search_cost(rows: list[dict[str, Any]], bits: float, out_dir: Path) -> dict[
     return out
 
 
-def spearman(rows: list[dict[str, Any]], target: str, bits: float | None) -> dict[str, Any]:
-    """Spearman's rho of the proxy supernets' surrogate gap against their target top-1."""
+def _rank_corr(pts: list[tuple[float, float]]) -> tuple[float | None, float | None]:
+    """Spearman's rho and its p-value over ``(x, y)`` points (None below 3 points or if
+    undefined)."""
     from scipy.stats import spearmanr
 
+    if len(pts) < 3:
+        return None, None
+    rho, p = spearmanr([x for x, _ in pts], [y for _, y in pts])
+    return (None, None) if math.isnan(float(rho)) else (float(rho), float(p))
+
+
+def spearman(rows: list[dict[str, Any]], target: str, bits: float | None) -> dict[str, Any]:
+    """Spearman's rho of the proxy supernets' surrogate gap against their target top-1."""
     pts = [(r["surrogate_gap"], r["acc"][target]["mean"], r["policy"], r["budget_bits"])
            for r in rows if r["kind"] == "searched" and r["method"] in SUPERNET
            and (bits is None or r["budget_bits"] == bits) and r.get("surrogate_gap") is not None
            and r["acc"][target]["mean"] is not None]
-    res: dict[str, Any] = {"target": target, "budget_bits": bits, "n": len(pts), "rho": None,
-                           "p": None, "points": [list(p) for p in pts]}
-    if len(pts) >= 3:
-        rho, p = spearmanr([x for x, *_ in pts], [y for _, y, *_ in pts])
-        if not math.isnan(float(rho)):
-            res.update(rho=float(rho), p=float(p))
-    return res
+    rho, p = _rank_corr([(x, y) for x, y, *_ in pts])
+    return {"target": target, "budget_bits": bits, "n": len(pts), "rho": rho, "p": p,
+            "points": [list(q) for q in pts]}
 
 
 def supernet_ranks(rows: list[dict[str, Any]], bits: float, out: Path) -> list[dict[str, Any]]:
     """Per proxy supernet with a ``rank.json`` (``--stage rank``): its rating of each policy
     against the policy's fine-tuned top-1, and Spearman's rho of the two per target."""
-    from scipy.stats import spearmanr
-
     acc = {r["policy"]: r["acc"] for r in rows if r["budget_bits"] == bits}
     res = []
     for src in sources(bits):
@@ -550,11 +553,8 @@ def supernet_ranks(rows: list[dict[str, Any]], bits: float, out: Path) -> list[d
         for t in TARGETS:
             pts = [(v, acc[n][t]["mean"]) for n, v in item["rated"].items()
                    if n in acc and acc[n][t]["mean"] is not None]
-            rho = p = None
-            if len(pts) >= 3:
-                rho, p = (float(v) for v in spearmanr(*zip(*pts)))
-            item[t] = {"n": len(pts), "rho": None if rho is None or math.isnan(rho) else rho,
-                       "p": p}
+            rho, p = _rank_corr(pts)
+            item[t] = {"n": len(pts), "rho": rho, "p": p}
         res.append(item)
     return res
 
@@ -895,8 +895,10 @@ def stage_rank(bits: float, args: argparse.Namespace, prof: Profile, state: dict
     from mpqkit.search import rate_policy
 
     out = Path(args.out)
-    pols = {s.name: search_dir(out, bits, s) / "policy.json" for s in sources(bits)
-            if s.finetuned and (search_dir(out, bits, s) / "policy.json").is_file()}
+    paths = {s.name: search_dir(out, bits, s) / "policy.json" for s in sources(bits)
+             if s.finetuned}
+    pols = {name: {n: (lp.w_bits, lp.a_bits) for n, lp in Policy.load(path).layers.items()}
+            for name, path in paths.items() if path.is_file()}  # read once, rated by each
     data: tuple[list[Any], list[Any]] | None = None
     for src in selected(bits, args):
         d = search_dir(out, bits, src)
@@ -906,14 +908,10 @@ def stage_rank(bits: float, args: argparse.Namespace, prof: Profile, state: dict
         t0 = time.time()
         data = data or _rank_batches(prof)
         sn, _ = load_checkpoint_model(d / "last.safetensors")
-        rates = {}
-        for name, path in pols.items():
-            bits_of = {n: (lp.w_bits, lp.a_bits) for n, lp in Policy.load(path).layers.items()}
-            rates[name] = rate_policy(sn, bits_of, *data)
+        rates = {name: rate_policy(sn, bits_of, *data) for name, bits_of in pols.items()}
         (d / "rank.json").write_text(json.dumps(
             {"supernet": src.name, "budget_bits": bits, "calib_batches": len(data[0]),
-             "images": rates[next(iter(rates))]["n"] if rates else 0,
-             "policies": rates}, indent=1) + "\n")
+             "images": sum(len(y) for _, y in data[1]), "policies": rates}, indent=1) + "\n")
         print(f"[rank {bits:g} bits] {src.name}'s supernet rated {len(rates)} policies "
               f"({time.time() - t0:.0f}s)", flush=True)
         write_results(args, prof, state["meta"])
