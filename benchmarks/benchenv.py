@@ -1,8 +1,10 @@
 """What a benchmark ran with, printed and stored in its JSON: versions, threads, CPU flags.
 
 Every script in ``benchmarks/`` calls :func:`report_environment` once at start (it prints one
-line and returns the dict) and stores that dict under ``"environment"`` in the JSON it writes,
-e.g. with :func:`write_json`::
+line and returns the dict; it also applies the CPU allocator setting that every mpqkit run has,
+:func:`mpqkit.engine.allocator.keep_freed_memory`, so that the figures are those of a run:
+``MPQKIT_MALLOC=default`` measures without it) and stores that dict under ``"environment"``
+in the JSON it writes, e.g. with :func:`write_json`::
 
     from benchenv import report_environment, write_json
     env = report_environment(threads=args.threads)
@@ -46,15 +48,18 @@ def cpu_info() -> dict[str, Any]:
 
 
 def environment(threads: int | None = None) -> dict[str, Any]:
-    """Versions (python, torch, onnxruntime when installed), thread settings and the CPU."""
+    """Versions (python, torch, onnxruntime when installed), thread settings, the CPU and the
+    allocator setting (applied here, as every mpqkit run applies it)."""
     import torch
+
+    from mpqkit.engine.allocator import keep_freed_memory
 
     env: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
                            "torch_threads": torch.get_num_threads(),
                            "threads_asked": threads,
                            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
                            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available()
-                           else None, "cpu": cpu_info()}
+                           else None, "cpu": cpu_info(), "allocator": keep_freed_memory()}
     try:
         import onnxruntime
 
@@ -72,7 +77,7 @@ def format_environment(env: dict[str, Any]) -> str:
             f" (torch {env['torch_threads']}, OMP_NUM_THREADS={env['OMP_NUM_THREADS']}); "
             f"CPU {cpu.get('model')} x{cpu.get('logical_cpus')}, flags "
             f"{' '.join(cpu['flags']) or 'unknown'}" + (f"; GPU {env['cuda']}" if env['cuda']
-                                                        else ""))
+                                                        else "") + f"; {env['allocator']}")
 
 
 def report_environment(threads: int | None = None) -> dict[str, Any]:

@@ -28,6 +28,7 @@ def test_train_finetune_eval(tiny_folder, tmp_path):
     for name in ("config.yaml", "metrics.csv", "log.txt", "best.safetensors", "best.json",
                  "last.safetensors", "last.json"):
         assert (run / name).is_file(), name
+    assert "CPU allocator: " in (run / "log.txt").read_text()  # what the run ran with
     rows = list(csv.DictReader((run / "metrics.csv").open()))
     assert [r["epoch"] for r in rows] == ["1", "2"]
     accs = [float(r["eval_acc"]) for r in rows]

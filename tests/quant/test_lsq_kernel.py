@@ -101,6 +101,31 @@ def test_double_backward_matches_the_reference():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("raw", [0.137, -0.137, 1e-9, 0.0])
+def test_quantizer_step_gradient_through_abs_and_floor(raw, monkeypatch):
+    """The kernel takes the raw LSQ parameter (|s| floored at MIN_RANGE inside): same values
+    and gradients as the autograd chain ``abs -> clamp_min`` of the reference path, for a
+    negative step, one below the floor and zero."""
+    out = []
+    for use in (True, False):
+        torch.manual_seed(4)
+        if not use:
+            monkeypatch.setattr(Q, "_use_cpu_kernel", lambda *a: False)
+        q = Q.LSQQuantizer(3, signed=False)
+        q.init_from(torch.rand(2, 4, 6, 6))
+        q.scale.data.fill_(raw)
+        x = (torch.randn(2, 4, 6, 6) * 0.4).relu().requires_grad_()
+        y = q(x)
+        y.backward(torch.randn_like(y))
+        out.append((y.detach(), x.grad, q.scale.grad, y.grad_fn))
+    assert type(out[0][3]).__name__ == "_LSQTensorCPUBackward"
+    assert type(out[1][3]).__name__ != "_LSQTensorCPUBackward"
+    assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
+    torch.testing.assert_close(out[0][2], out[1][2], rtol=2e-5, atol=0.0)
+    if raw < 0:
+        assert out[0][2].item() != 0  # the sign flips it, it does not vanish
+
+
 class _Net(nn.Module):
     def __init__(self, act: str = "lsq", per_channel: bool = False) -> None:
         super().__init__()

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from mpqkit import runio
+from mpqkit.engine.allocator import keep_freed_memory
 from mpqkit.engine.checkpoint import (
     OptimizerState,
     load_model_state,
@@ -171,6 +172,7 @@ class Run:
         if getattr(cfg, "resume", False):
             cfg = cls._resumed_config(cfg, run_dir, files)
         setup_logging(run_dir, world.is_main)
+        log.info(keep_freed_memory())
         return cls(run_dir, files, world, device), cfg
 
     @staticmethod

@@ -144,22 +144,31 @@ class _LSQTensorCPU(torch.autograd.Function):
     form; the input and the gradient are read once, ``grad_x`` written once. Only ``x`` is saved
     (its producer keeps it alive anyway). Non-finite values (NaN/inf in ``x`` or ``g``) make the
     sum non-finite; that backward is then redone in the reference form, as is a double backward.
+
+    ``scale`` may be the raw LSQ parameter: the step is ``|scale|`` clamped at ``MIN_RANGE``
+    (the identity on a step already positive), computed here instead of by two more autograd
+    nodes per call, and its gradient goes back through both exactly as autograd's would.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, scale: Tensor, qmin: int, qmax: int,
                 grad_scale: float) -> Tensor:
-        s = scale.reshape(())
-        out = torch.empty_like(x)
-        xf, of = x.view(-1), out.view(-1)
+        s = scale.reshape(()).abs().clamp_min(MIN_RANGE)  # the step of a raw LSQ parameter
         block = cpu_block(LSQ_CPU_BLOCK)
-        buf = torch.empty(min(block, xf.numel()), dtype=x.dtype)
-        sums = []
-        for xb, ob in zip(xf.split(block), of.split(block)):
-            t = torch.div(xb, s, out=buf[:xb.numel()])
-            sums.append(t.sum())  # finite unless x holds NaN/inf (or overflows: same path)
-            torch.mul(t.clamp_(qmin, qmax).round_(), s, out=ob)
-        if sums and not bool(torch.stack(sums).sum().isfinite()):
+        if x.numel() <= block:  # one block (every weight): fewer calls, the same values
+            out = torch.div(x, s)
+            total = out.sum()  # finite unless x holds NaN/inf (or overflows: same path)
+            out.clamp_(qmin, qmax).round_().mul_(s)
+        else:
+            out = torch.empty_like(x)
+            buf = torch.empty(block, dtype=x.dtype)
+            sums = []
+            for xb, ob in zip(x.view(-1).split(block), out.view(-1).split(block)):
+                t = torch.div(xb, s, out=buf[:xb.numel()])
+                sums.append(t.sum())
+                torch.mul(t.clamp_(qmin, qmax).round_(), s, out=ob)
+            total = torch.stack(sums).sum()
+        if not math.isfinite(total.item()):
             out = keep_nonfinite(out, x)
         ctx.save_for_backward(x, scale)
         ctx.qmin, ctx.qmax, ctx.grad_scale = qmin, qmax, grad_scale
@@ -167,18 +176,21 @@ class _LSQTensorCPU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g: Tensor):  # type: ignore[override]
-        x, scale = ctx.saved_tensors
+        x, raw = ctx.saved_tensors
         qmin, qmax = ctx.qmin, ctx.qmax
+        s = raw.detach().reshape(()).abs().clamp_min(MIN_RANGE)
+        # d step / d raw: the backward of abs() then clamp_min(MIN_RANGE), as autograd has it
+        ds_draw = raw.detach().reshape(()).sgn() * (raw.detach().reshape(()).abs() >= MIN_RANGE)
         if not torch.is_grad_enabled():  # not a double backward
-            grads = _lsq_cpu_blocks(x, g.contiguous(), scale.reshape(()), qmin, qmax)
+            grads = _lsq_cpu_blocks(x, g.contiguous(), s, qmin, qmax)
             if grads is not None:
                 grad_x, total = grads
-                grad_s = (total * ctx.grad_scale).reshape(scale.shape)
+                grad_s = (total * ctx.grad_scale * ds_draw).reshape(raw.shape)
                 return grad_x, grad_s, None, None, None
-        xs = x.detach() / scale.detach()  # constants, as the reference form saves them
+        xs = x.detach() / s  # constants, as the reference form saves them
         q = keep_nonfinite(xs.round().clamp(qmin, qmax), xs)
         grad_x, grad_s = _lsq_grads(xs, q, g, qmin, qmax, ctx.grad_scale, ())
-        return grad_x, grad_s.reshape(scale.shape), None, None, None
+        return grad_x, (grad_s * ds_draw).reshape(raw.shape), None, None, None
 
 
 def _lsq_cpu_blocks(x: Tensor, g: Tensor, s: Tensor, qmin: int,
@@ -186,18 +198,27 @@ def _lsq_cpu_blocks(x: Tensor, g: Tensor, s: Tensor, qmin: int,
     """``(g * m, sum(g * (q - x/s * m)))`` block by block; None if a value is not finite."""
     grad_x = torch.empty_like(x)
     xf, gf, of = x.view(-1), g.view(-1), grad_x.view(-1)
-    block = cpu_block(LSQ_CPU_BLOCK)
-    bufs = torch.empty(3, min(block, xf.numel()), dtype=x.dtype)
-    parts = []
-    for xb, gb, ob in zip(xf.split(block), gf.split(block), of.split(block)):
-        t, c, m = bufs if xb.numel() == bufs.shape[1] else bufs[:, :xb.numel()]
-        torch.div(xb, s, out=t)
-        torch.eq(torch.clamp(t, qmin, qmax, out=c), t, out=m)
-        torch.mul(gb, m, out=ob)
-        e = c.round_().addcmul_(t, m, value=-1)  # q - x/s inside the range, q outside
-        parts.append(torch.dot(e, gb))  # one pass (product and sum fused)
-    total = torch.stack(parts).sum() if parts else s.new_zeros(())
-    return (grad_x, total) if bool(total.isfinite()) else None
+    n, block = xf.numel(), cpu_block(LSQ_CPU_BLOCK)
+    bufs = torch.empty(3, min(block, n), dtype=x.dtype)
+    if n <= block:  # one block (every weight): no splitting, the same values
+        total = _lsq_cpu_block(xf, gf, of, s, qmin, qmax, bufs)
+    else:
+        parts = [_lsq_cpu_block(xb, gb, ob, s, qmin, qmax, bufs[:, :xb.numel()])
+                 for xb, gb, ob in zip(xf.split(block), gf.split(block), of.split(block))]
+        total = torch.stack(parts).sum()
+    return (grad_x, total) if math.isfinite(total.item()) else None
+
+
+def _lsq_cpu_block(xb: Tensor, gb: Tensor, ob: Tensor, s: Tensor, qmin: int, qmax: int,
+                   bufs: Tensor) -> Tensor:
+    """One block of :func:`_lsq_cpu_blocks`: writes ``g * m`` to ``ob``, returns the block's
+    ``sum(g * (q - x/s * m))``; ``bufs`` is three temporaries of the block's length."""
+    t, c, m = bufs
+    torch.div(xb, s, out=t)
+    torch.eq(torch.clamp(t, qmin, qmax, out=c), t, out=m)
+    torch.mul(gb, m, out=ob)
+    e = c.round_().addcmul_(t, m, value=-1)  # q - x/s inside the range, q outside
+    return torch.dot(e, gb)  # one pass (product and sum fused)
 
 
 def _use_cpu_kernel(x: Tensor, scale: Tensor) -> bool:
@@ -417,6 +438,8 @@ class LSQQuantizer(Quantizer):
         if not self.per_channel and self.channel_dim == 1:  # activation: features per sample
             n = max(1, x[0].numel())
         grad_scale = 1.0 / math.sqrt(max(1, n) * max(1, qmax))
+        if not self.per_channel and _use_cpu_kernel(x, self.scale):  # |scale| inside
+            return _LSQTensorCPU.apply(x, self.scale, qmin, qmax, grad_scale)
         return lsq_quantize(x, self._scale32(x), qmin, qmax, grad_scale, self._reduce_dims(x))
 
     def qparams(self, x: Tensor | None = None) -> tuple[Tensor, int, int]:
