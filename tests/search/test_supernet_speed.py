@@ -14,14 +14,16 @@ from mpqkit.search.supernet import build_supernet, mix_quantized
 CANDS = (2, 3, 4, 6)
 
 
-@pytest.mark.parametrize("kind", ["unsigned", "signed", "weight"])
+@pytest.mark.parametrize("kind", ["unsigned", "signed", "weight", "raw_steps"])
 def test_cpu_mix_backward_matches_the_reference_sum(kind, monkeypatch):
-    """The float-mask CPU backward (several blocks) against autograd on sum_i p_i Q_i(x)."""
+    """The float-mask CPU backward (several blocks) against autograd on sum_i p_i Q_i(x);
+    ``raw_steps``: negative LSQ parameters and one below the floor (the kernel takes the raw
+    parameters and applies ``|s|`` floored itself)."""
     import mpqkit.search.supernet as sup
 
     torch.manual_seed(5)
     x = torch.randn(4, 6, 9, 9)
-    if kind == "unsigned":
+    if kind in ("unsigned", "raw_steps"):
         x = torch.relu(x) - 0.01 * (torch.rand_like(x) < 0.05)  # a few small negatives
         qs = [make_act_quantizer("lsq", b) for b in CANDS]
     elif kind == "signed":
@@ -30,6 +32,9 @@ def test_cpu_mix_backward_matches_the_reference_sum(kind, monkeypatch):
         qs = [make_weight_quantizer("lsq", b, 4) for b in CANDS]
     for q in qs:
         q.init_from(x)
+    if kind == "raw_steps":
+        qs[0].scale.data.neg_()
+        qs[2].scale.data.fill_(-1e-9)
     ref = copy.deepcopy(qs)
     alpha = torch.randn(4)
     monkeypatch.setattr(sup, "CPU_BLOCK", 300)

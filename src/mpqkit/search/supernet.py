@@ -44,6 +44,7 @@ from mpqkit.policy import FIRST_LAST_MODES, Policy, first_last_bits, first_last_
 from mpqkit.quant.convert import passing_through, quantized_class
 from mpqkit.quant.layers import QuantConfig, QuantMixin, quantizable_layers
 from mpqkit.quant.quantizers import (
+    MIN_RANGE,
     LSQQuantizer,
     Quantizer,
     check_bits,
@@ -115,12 +116,24 @@ def _masks_mode(specs: Sequence[tuple]) -> str:
     return "general"
 
 
+def _steps(raw: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """The steps ``|raw| floored at MIN_RANGE`` of raw per-tensor LSQ parameters as one vector,
+    and ``d step / d raw`` (the backward of ``abs`` then ``clamp_min``, as autograd has it).
+    Differentiable in a double backward (the reference chain's steps are)."""
+    r = torch.cat([t.reshape(1) for t in raw])
+    return r.abs().clamp_min(MIN_RANGE), r.sgn() * (r.abs() >= MIN_RANGE)
+
+
 class _MixedLSQTensor(torch.autograd.Function):
     """``sum_i p_i * s_i * clamp(round(x / s_i), qmin_i, qmax_i)``, per-tensor steps, LSQ grads.
 
-    Only ``x`` is saved (no copy); the backward recomputes the integer grids ``q_i`` block by
-    block (``CPU_BLOCK`` elements on CPU, so the temporaries stay in cache; one block on GPUs).
-    With ``g`` the output gradient and ``M_i`` the in-range mask of candidate ``i``:
+    ``scales`` are the candidates' raw LSQ parameters: each step is ``|scale|`` floored at
+    ``MIN_RANGE`` (:meth:`LSQQuantizer._scale`), computed here for all candidates at once
+    instead of by four autograd nodes per candidate, its gradient going back through it as
+    autograd's would. Only ``x`` is saved (no copy); the backward recomputes the integer grids
+    ``q_i`` block by block (``CPU_BLOCK`` elements on CPU, so the temporaries stay in cache; one
+    block on GPUs). With ``g`` the output gradient and ``M_i`` the in-range mask of candidate
+    ``i``:
 
         dL/dx   = g * sum_i p_i M_i                         (straight-through inside the range)
         dL/dp_i = s_i * sum(g * q_i)
@@ -132,8 +145,8 @@ class _MixedLSQTensor(torch.autograd.Function):
         xc = x.contiguous()
         out = torch.empty_like(xc)
         xf, of = xc.view(-1), out.view(-1)
-        s0 = [s.reshape(()) for s in scales]
-        coef = [probs[i] * s0[i] for i in range(len(s0))]
+        steps = _steps(scales)[0].to(x.dtype)
+        s0, coef = steps.unbind(), (probs * steps).unbind()
         n = xf.numel()
         block = cpu_block(CPU_BLOCK) if x.device.type == "cpu" else max(1, n)
         buf = torch.empty(min(block, n), dtype=xf.dtype, device=xf.device)
@@ -153,98 +166,81 @@ class _MixedLSQTensor(torch.autograd.Function):
     def backward(ctx, g: Tensor):  # type: ignore[override]
         specs = ctx.specs
         x, probs, *scales = ctx.saved_tensors
-        k = len(scales)
         need_x, need_p = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        need_s = ctx.needs_input_grad[3:]
         create = torch.is_grad_enabled()  # double backward: differentiable, out-of-place ops
         xf, gf = x.contiguous().view(-1), g.contiguous().view(-1)
-        n = xf.numel()
-        s0 = [s.reshape(()) for s in scales]
-        mode = _masks_mode(specs)
+        steps, dstep = _steps(scales)
+        s0 = steps.to(x.dtype).unbind()
         if x.device.type == "cpu" and not create:
             grad_x, a_sum, c_sum = _mixed_backward_cpu(xf, gf, probs, s0, specs, need_x)
-            return _mixed_grads(x, probs, scales, specs, grad_x, a_sum, c_sum, need_p, need_s)
-        hi = [sp[1] * s0[i] for i, sp in enumerate(specs)]
-        lo = [sp[0] * s0[i] for i, sp in enumerate(specs)]
-        block = max(1, n)
-        a_parts: list[list[Tensor]] = [[] for _ in range(k)]
-        c_parts: list[list[Tensor]] = [[] for _ in range(k)]
-        gx_parts: list[Tensor] = []
-        grad_x = torch.empty_like(xf) if (need_x and not create) else None
-        for a in range(0, n, block):
-            xb, gb = xf[a:a + block], gf[a:a + block]
-            if mode == "unsigned":
-                base = xb.clamp_min(0)
-                gxb = gb * base
-            elif mode == "symmetric":
-                base = xb.abs()
-                gxb = gb * xb
-            else:
-                base = xb
-                gxb = gb * xb
-            m: Tensor | None = None
-            for i, (qmin, qmax, _gs) in enumerate(specs):
-                t = torch.div(xb, s0[i])
-                t.round_().clamp_(qmin, qmax)
-                a_parts[i].append(torch.dot(gb, t))
-                if mode == "general":
-                    mask = ((xb >= lo[i]) & (xb <= hi[i])).to(x.dtype)
-                else:
-                    mask = (base <= hi[i]).to(x.dtype)
-                c_parts[i].append(torch.dot(gxb, mask))
-                if need_x:
-                    if create:
-                        m = mask * probs[i] if m is None else m + mask * probs[i]
-                    elif m is None:
-                        m = mask.mul_(probs[i])
-                    else:
-                        m.addcmul_(mask, probs[i])
-            if need_x:
-                assert m is not None
-                if create:
-                    gxp = gb * m
-                    gx_parts.append(gxp.masked_fill(xb < 0, 0.0) if mode == "unsigned" else gxp)
-                else:
-                    assert grad_x is not None
-                    ob = grad_x[a:a + block]
-                    torch.mul(gb, m, out=ob)
-                    if mode == "unsigned":
-                        ob.masked_fill_(xb < 0, 0.0)
-        if need_x and create:
-            grad_x = torch.cat(gx_parts) if len(gx_parts) > 1 else gx_parts[0]
-        a_sum = [torch.stack(parts).sum() for parts in a_parts]
-        c_sum = [torch.stack(parts).sum() for parts in c_parts]
-        return _mixed_grads(x, probs, scales, specs, grad_x, a_sum, c_sum, need_p, need_s)
+        else:
+            grad_x, a_sum, c_sum = _mixed_backward_whole(xf, gf, probs, s0, specs, need_x,
+                                                         create)
+        return _mixed_grads(x, probs, scales, specs, grad_x, a_sum, c_sum, need_p, steps, dstep)
+
+
+def _mixed_backward_whole(xf: Tensor, gf: Tensor, probs: Tensor, s0: Sequence[Tensor],
+                          specs: tuple, need_x: bool, create: bool
+                          ) -> tuple[Tensor | None, Tensor, Tensor]:
+    """The backward of :class:`_MixedLSQTensor` on the whole tensor at once (GPUs, and double
+    backward: differentiable, out-of-place ops)."""
+    mode = _masks_mode(specs)
+    if mode == "unsigned":
+        base = xf.clamp_min(0)
+        gx = gf * base
+    elif mode == "symmetric":
+        base, gx = xf.abs(), gf * xf
+    else:
+        base, gx = xf, gf * xf
+    a_parts, c_parts = [], []
+    m: Tensor | None = None
+    for i, (qmin, qmax, _gs) in enumerate(specs):
+        t = torch.div(xf, s0[i]).round_().clamp_(qmin, qmax)
+        a_parts.append(torch.dot(gf, t))
+        if mode == "general":
+            mask = ((xf >= qmin * s0[i]) & (xf <= qmax * s0[i])).to(xf.dtype)
+        else:
+            mask = (base <= qmax * s0[i]).to(xf.dtype)
+        c_parts.append(torch.dot(gx, mask))
+        if need_x:
+            m = mask * probs[i] if m is None else m + mask * probs[i]
+    grad_x = None
+    if need_x:
+        assert m is not None
+        grad_x = gf * m
+        if mode == "unsigned":
+            grad_x = grad_x.masked_fill(xf < 0, 0.0)
+    return grad_x, torch.stack(a_parts), torch.stack(c_parts)
 
 
 def _mixed_grads(x: Tensor, probs: Tensor, scales: Sequence[Tensor], specs: tuple,
-                 grad_x: Tensor | None, a_sum: list[Tensor], c_sum: list[Tensor], need_p: bool,
-                 need_s: Sequence[bool]) -> tuple[Tensor | None, ...]:
-    """The outputs of :meth:`_MixedLSQTensor.backward` from ``a_i = sum(g * q_i)`` and
-    ``c_i = sum(g * x * M_i)``."""
-    s0 = [s.reshape(()) for s in scales]
-    k = len(s0)
-    gp = torch.stack([a_sum[i] * s0[i] for i in range(k)]).to(probs.dtype) if need_p else None
-    grad_s = [((a_sum[i] - c_sum[i] / s0[i]) * (probs[i] * specs[i][2])).reshape(
-        scales[i].shape) if need_s[i] else None for i in range(k)]
+                 grad_x: Tensor | None, a_sum: Tensor, c_sum: Tensor, need_p: bool,
+                 steps: Tensor, dstep: Tensor) -> tuple[Tensor | None, ...]:
+    """The outputs of :meth:`_MixedLSQTensor.backward` from the vectors ``a_i = sum(g * q_i)``
+    and ``c_i = sum(g * x * M_i)`` over the candidates ``i``."""
+    a_sum, c_sum = a_sum.to(steps.dtype), c_sum.to(steps.dtype)
+    gp = (a_sum * steps).to(probs.dtype) if need_p else None
+    gs = torch.tensor([sp[2] for sp in specs], dtype=steps.dtype, device=steps.device)
+    grad_s = ((a_sum - c_sum / steps) * (probs.to(steps.dtype) * gs) * dstep).unbind()
     gx = grad_x.view_as(x) if grad_x is not None else None
-    return (gx, gp, None, *grad_s)
+    return (gx, gp, None, *(grad_s[i].reshape(s.shape).to(s.dtype)
+                            for i, s in enumerate(scales)))
 
 
-def _mixed_backward_cpu(xf: Tensor, gf: Tensor, probs: Tensor, s0: list[Tensor], specs: tuple,
-                        need_x: bool) -> tuple[Tensor | None, list[Tensor], list[Tensor]]:
+def _mixed_backward_cpu(xf: Tensor, gf: Tensor, probs: Tensor, s0: Sequence[Tensor],
+                        specs: tuple, need_x: bool) -> tuple[Tensor | None, Tensor, Tensor]:
     """The CPU backward of :class:`_MixedLSQTensor`, ``CPU_BLOCK`` elements at a time.
 
     Per candidate ``t = x / s_i``, ``c = clamp(t, qmin, qmax)``, ``M_i = (c == t)`` (the range
     test of the reference quantizer, on ``x / s_i``), ``q_i = round(c)``. Masks are 0/1 floats
     written by comparisons into float buffers: bool tensors (``&``, ``masked_fill``,
-    ``.to(dtype)``) cost several times more on CPUs than arithmetic.
+    ``.to(dtype)``) cost several times more on CPUs than arithmetic. Returns ``grad_x`` and the
+    vectors ``a_i``, ``c_i``.
     """
     k, n = len(s0), xf.numel()
     block = cpu_block(CPU_BLOCK)
     bufs = torch.empty(5, min(block, n), dtype=xf.dtype)
-    a_parts: list[list[Tensor]] = [[] for _ in range(k)]
-    c_parts: list[list[Tensor]] = [[] for _ in range(k)]
+    parts: list[Tensor] = []  # per block: a_0, c_0, a_1, c_1, ...
     grad_x = torch.empty_like(xf) if need_x else None
     gx_blocks = grad_x.split(block) if grad_x is not None else ()
     for j, (xb, gb) in enumerate(zip(xf.split(block), gf.split(block))):
@@ -253,8 +249,8 @@ def _mixed_backward_cpu(xf: Tensor, gf: Tensor, probs: Tensor, s0: list[Tensor],
         for i, (qmin, qmax, _gs) in enumerate(specs):
             torch.div(xb, s0[i], out=t)
             torch.eq(torch.clamp(t, qmin, qmax, out=c), t, out=mask)
-            a_parts[i].append(torch.dot(gb, c.round_()))
-            c_parts[i].append(torch.dot(gxb, mask))
+            parts.append(torch.dot(gb, c.round_()))
+            parts.append(torch.dot(gxb, mask))
             if need_x:
                 if i == 0:
                     torch.mul(mask, probs[0], out=acc)
@@ -262,9 +258,8 @@ def _mixed_backward_cpu(xf: Tensor, gf: Tensor, probs: Tensor, s0: list[Tensor],
                     acc.addcmul_(mask, probs[i])
         if need_x:
             torch.mul(gb, acc, out=gx_blocks[j])
-    a_sum = [torch.stack(parts).sum() for parts in a_parts]
-    c_sum = [torch.stack(parts).sum() for parts in c_parts]
-    return grad_x, a_sum, c_sum
+    sums = torch.stack(parts).view(-1, k, 2).sum(0) if parts else xf.new_zeros(k, 2)
+    return grad_x, sums[:, 0], sums[:, 1]
 
 
 class _MixedLSQChannel(torch.autograd.Function):
@@ -336,11 +331,11 @@ def mix_quantized(x: Tensor, quantizers: Sequence[Quantizer], probs: Tensor) -> 
     fused = not torch.compiler.is_compiling()  # compiled: the plain sum, which inductor fuses
     if fused and all(isinstance(q, LSQQuantizer) and q.enabled for q in quantizers):
         p = probs.to(x.dtype)
-        scales = [q._scale(x) for q in quantizers]
         if not any(q.per_channel for q in quantizers):
-            specs = tuple((*q.int_range(), _lsq_grad_scale(q, x, q.int_range()[1]))
-                          for q in quantizers)
-            return _MixedLSQTensor.apply(x, p, specs, *scales)
+            specs = tuple((qmin, qmax, _lsq_grad_scale(q, x, qmax))
+                          for q in quantizers for qmin, qmax in [q.int_range()])
+            return _MixedLSQTensor.apply(x, p, specs, *(q.scale for q in quantizers))
+        scales = [q._scale(x) for q in quantizers]
         specs = tuple((*q.int_range(), _lsq_grad_scale(q, x, q.int_range()[1]),
                        q._reduce_dims(x)) for q in quantizers)
         return _MixedLSQChannel.apply(x, p, specs, *scales)
