@@ -3,7 +3,9 @@
 Kinds of step, all on the same batch, each with its own copy of the model and SGD optimizer:
 
 * ``fp``: the float model;
-* ``qat``: mpqkit's QAT model (``quantize_model``, LSQ weights and activations);
+* ``qat``: mpqkit's QAT model (``quantize_model``, LSQ weights and activations; on CPU its
+  larger tensors run the compiled one-pass kernels of :mod:`mpqkit.quant.fused`);
+* ``qat_blocked``: the same model with ``MPQKIT_FUSED=off`` (the blocked eager CPU kernels);
 * ``qat_ref``: the same model on the reference LSQ kernel (``_LSQFunction``, whole-tensor ops:
   what mpqkit ran before the blocked CPU kernel);
 * ``qat_torchop``: the same model with every LSQ quantizer replaced by PyTorch's fused
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import os
 import statistics
 import time
 import types
@@ -81,8 +84,8 @@ def mixed_policy(fp: nn.Module, spec: str) -> Policy:
     return Policy.uniform(fp, *parse_uniform(spec), 32)
 
 
-def make_step(model: nn.Module, x: Tensor, y: Tensor,
-              reference: bool = False) -> Callable[[], float]:
+def make_step(model: nn.Module, x: Tensor, y: Tensor, reference: bool = False,
+              fused: str = "on") -> Callable[[], float]:
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     model.train()
 
@@ -90,6 +93,7 @@ def make_step(model: nn.Module, x: Tensor, y: Tensor,
         saved = Q._use_cpu_kernel
         if reference:
             Q._use_cpu_kernel = lambda *a: False  # type: ignore[assignment]
+        os.environ["MPQKIT_FUSED"] = fused
         try:
             t = time.perf_counter()
             opt.zero_grad(set_to_none=True)
@@ -100,6 +104,7 @@ def make_step(model: nn.Module, x: Tensor, y: Tensor,
             return time.perf_counter() - t
         finally:
             Q._use_cpu_kernel = saved
+            os.environ.pop("MPQKIT_FUSED")
 
     return step
 
@@ -114,6 +119,7 @@ def build_steps(args: argparse.Namespace, dev: torch.device) -> tuple[dict[str, 
     calibrate(qat, x)
     qat_ref = copy.deepcopy(qat)
     steps = {"fp": make_step(fp, x, y), "qat": make_step(qat, x, y),
+             "qat_blocked": make_step(copy.deepcopy(qat), x, y, fused="off"),
              "qat_ref": make_step(qat_ref, x, y, reference=True),
              "qat_torchop": make_step(torchop_model(qat), x, y)}
     if args.compile:
@@ -131,6 +137,8 @@ RATIOS = {  # name: (numerator kind, denominator kind): time ratios, read as thr
     "qat_over_torchop_throughput": ("qat_torchop", "qat"),
     "torchop_over_fp_throughput": ("fp", "qat_torchop"),
     "qat_speedup_over_reference_kernel": ("qat_ref", "qat"),
+    "qat_speedup_over_blocked_kernel": ("qat_blocked", "qat"),
+    "qat_blocked_over_fp_throughput": ("fp", "qat_blocked"),
     "fp_compiled_speedup": ("fp", "fp_compiled"),
     "qat_compiled_speedup": ("qat", "qat_compiled"),
     "qat_compiled_over_fp_compiled_throughput": ("fp_compiled", "qat_compiled"),

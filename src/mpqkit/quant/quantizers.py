@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from mpqkit.errors import ConfigError, NonFiniteError
+from mpqkit.quant import fused
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8, 32)
 MIN_RANGE = 1e-8  # the smallest range (max-abs) a quantizer is calibrated to
@@ -144,6 +145,8 @@ class _LSQTensorCPU(torch.autograd.Function):
     form; the input and the gradient are read once, ``grad_x`` written once. Only ``x`` is saved
     (its producer keeps it alive anyway). Non-finite values (NaN/inf in ``x`` or ``g``) make the
     sum non-finite; that backward is then redone in the reference form, as is a double backward.
+    Tensors of :data:`mpqkit.quant.fused.MIN_ELEMENTS` or more run both formulas as one compiled
+    pass each (:mod:`mpqkit.quant.fused`), with the same values.
 
     ``scale`` may be the raw LSQ parameter: the step is ``|scale|`` clamped at ``MIN_RANGE``
     (the identity on a step already positive), computed here instead of by two more autograd
@@ -154,20 +157,8 @@ class _LSQTensorCPU(torch.autograd.Function):
     def forward(ctx, x: Tensor, scale: Tensor, qmin: int, qmax: int,
                 grad_scale: float) -> Tensor:
         s = scale.reshape(()).abs().clamp_min(MIN_RANGE)  # the step of a raw LSQ parameter
-        block = cpu_block(LSQ_CPU_BLOCK)
-        if x.numel() <= block:  # one block (every weight): fewer calls, the same values
-            out = torch.div(x, s)
-            total = out.sum()  # finite unless x holds NaN/inf (or overflows: same path)
-            out.clamp_(qmin, qmax).round_().mul_(s)
-        else:
-            out = torch.empty_like(x)
-            buf = torch.empty(block, dtype=x.dtype)
-            sums = []
-            for xb, ob in zip(x.view(-1).split(block), out.view(-1).split(block)):
-                t = torch.div(xb, s, out=buf[:xb.numel()])
-                sums.append(t.sum())
-                torch.mul(t.clamp_(qmin, qmax).round_(), s, out=ob)
-            total = torch.stack(sums).sum()
+        res = fused.lsq_forward(x, s, qmin, qmax)  # one compiled pass, where it applies
+        out, total = res if res is not None else _lsq_cpu_forward(x, s, qmin, qmax)
         if not math.isfinite(total.item()):
             out = keep_nonfinite(out, x)
         ctx.save_for_backward(x, scale)
@@ -193,9 +184,31 @@ class _LSQTensorCPU(torch.autograd.Function):
         return grad_x, (grad_s * ds_draw).reshape(raw.shape), None, None, None
 
 
+def _lsq_cpu_forward(x: Tensor, s: Tensor, qmin: int, qmax: int) -> tuple[Tensor, Tensor]:
+    """The eager forward of :class:`_LSQTensorCPU`: ``round(clamp(x / s)) * s`` block by block,
+    and ``sum(x / s)`` (finite unless ``x`` holds NaN/inf, or overflows: the same path)."""
+    block = cpu_block(LSQ_CPU_BLOCK)
+    if x.numel() <= block:  # one block (every weight): fewer calls, the same values
+        out = torch.div(x, s)
+        total = out.sum()
+        out.clamp_(qmin, qmax).round_().mul_(s)
+        return out, total
+    out = torch.empty_like(x)
+    buf = torch.empty(block, dtype=x.dtype)
+    sums = []
+    for xb, ob in zip(x.view(-1).split(block), out.view(-1).split(block)):
+        t = torch.div(xb, s, out=buf[:xb.numel()])
+        sums.append(t.sum())
+        torch.mul(t.clamp_(qmin, qmax).round_(), s, out=ob)
+    return out, torch.stack(sums).sum()
+
+
 def _lsq_cpu_blocks(x: Tensor, g: Tensor, s: Tensor, qmin: int,
                     qmax: int) -> tuple[Tensor, Tensor] | None:
     """``(g * m, sum(g * (q - x/s * m)))`` block by block; None if a value is not finite."""
+    grads = fused.lsq_backward(x, g, s, qmin, qmax)
+    if grads is not None:  # one compiled pass
+        return grads if math.isfinite(grads[1].item()) else None
     grad_x = torch.empty_like(x)
     xf, gf, of = x.view(-1), g.view(-1), grad_x.view(-1)
     n, block = xf.numel(), cpu_block(LSQ_CPU_BLOCK)

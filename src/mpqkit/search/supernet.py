@@ -41,6 +41,7 @@ from mpqkit.engine.trainer import evaluate_model
 from mpqkit.errors import ConfigError, ModelError
 from mpqkit.optim.bn import frozen_bn_stats
 from mpqkit.policy import FIRST_LAST_MODES, Policy, first_last_bits, first_last_layers
+from mpqkit.quant import fused
 from mpqkit.quant.convert import passing_through, quantized_class
 from mpqkit.quant.layers import QuantConfig, QuantMixin, quantizable_layers
 from mpqkit.quant.quantizers import (
@@ -143,9 +144,14 @@ class _MixedLSQTensor(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, probs: Tensor, specs: tuple, *scales: Tensor) -> Tensor:
         xc = x.contiguous()
+        steps = _steps(scales)[0].to(x.dtype)
+        ctx.specs = specs
+        ctx.save_for_backward(x, probs, *scales)
+        res = fused.mix_forward(xc, steps, probs * steps, tuple(sp[:2] for sp in specs))
+        if res is not None:  # one compiled pass
+            return res
         out = torch.empty_like(xc)
         xf, of = xc.view(-1), out.view(-1)
-        steps = _steps(scales)[0].to(x.dtype)
         s0, coef = steps.unbind(), (probs * steps).unbind()
         n = xf.numel()
         block = cpu_block(CPU_BLOCK) if x.device.type == "cpu" else max(1, n)
@@ -158,8 +164,6 @@ class _MixedLSQTensor(torch.autograd.Function):
                     torch.mul(t, coef[0], out=ob)
                 else:
                     ob.addcmul_(t, coef[i])
-        ctx.specs = specs
-        ctx.save_for_backward(x, probs, *scales)
         return out.view_as(x)
 
     @staticmethod
@@ -171,7 +175,11 @@ class _MixedLSQTensor(torch.autograd.Function):
         xf, gf = x.contiguous().view(-1), g.contiguous().view(-1)
         steps, dstep = _steps(scales)
         s0 = steps.to(x.dtype).unbind()
-        if x.device.type == "cpu" and not create:
+        res = None if create else fused.mix_backward(xf, gf, steps.to(x.dtype), probs,
+                                                     tuple(sp[:2] for sp in specs))
+        if res is not None:  # one compiled pass
+            grad_x, a_sum, c_sum = res
+        elif x.device.type == "cpu" and not create:
             grad_x, a_sum, c_sum = _mixed_backward_cpu(xf, gf, probs, s0, specs, need_x)
         else:
             grad_x, a_sum, c_sum = _mixed_backward_whole(xf, gf, probs, s0, specs, need_x,
