@@ -205,20 +205,27 @@ def _mixed_backward_whole(xf: Tensor, gf: Tensor, probs: Tensor, s0: Sequence[Te
     for i, (qmin, qmax, _gs) in enumerate(specs):
         t = torch.div(xf, s0[i]).round_().clamp_(qmin, qmax)
         a_parts.append(torch.dot(gf, t))
-        if mode == "general":
-            mask = ((xf >= qmin * s0[i]) & (xf <= qmax * s0[i])).to(xf.dtype)
-        else:
-            mask = (base <= qmax * s0[i]).to(xf.dtype)
+        mask = _range_mask(xf, base, qmin * s0[i], qmax * s0[i], mode)
         c_parts.append(torch.dot(gx, mask))
         if need_x:
             m = mask * probs[i] if m is None else m + mask * probs[i]
-    grad_x = None
-    if need_x:
-        assert m is not None
-        grad_x = gf * m
-        if mode == "unsigned":
-            grad_x = grad_x.masked_fill(xf < 0, 0.0)
+    grad_x = _masked_grad_x(gf, m, xf, mode) if need_x else None
     return grad_x, torch.stack(a_parts), torch.stack(c_parts)
+
+
+def _range_mask(x: Tensor, base: Tensor, lo: Tensor, hi: Tensor, mode: str) -> Tensor:
+    """The in-range mask of a candidate as 0/1 values (``base`` is ``x`` folded by ``mode``:
+    clamped at 0 for unsigned ranges, absolute for symmetric ones)."""
+    if mode == "general":
+        return ((x >= lo) & (x <= hi)).to(x.dtype)
+    return (base <= hi).to(x.dtype)
+
+
+def _masked_grad_x(g: Tensor, m: Tensor | None, x: Tensor, mode: str) -> Tensor:
+    """``g * sum_i p_i M_i`` (``m``), zero below an unsigned range."""
+    assert m is not None
+    grad_x = g * m
+    return grad_x.masked_fill(x < 0, 0.0) if mode == "unsigned" else grad_x
 
 
 def _mixed_grads(x: Tensor, probs: Tensor, scales: Sequence[Tensor], specs: tuple,
@@ -309,22 +316,14 @@ class _MixedLSQChannel(torch.autograd.Function):
         for i in range(k):
             s, q = scales[i], grids[i]
             qmin, qmax, gs, rd = specs[i]
-            if mode == "general":
-                mask = ((x >= qmin * s) & (x <= qmax * s)).to(x.dtype)
-            else:
-                mask = (base <= qmax * s).to(x.dtype)
+            mask = _range_mask(x, base, qmin * s, qmax * s, mode)
             a_sum = (g * q).sum(dim=rd, keepdim=True)
             c_sum = (gx * mask).sum(dim=rd, keepdim=True)
             grad_p.append((a_sum * s).sum() if need_p else None)
             grad_s.append((a_sum - c_sum / s) * (probs[i] * gs) if need_s[i] else None)
             if need_x:
                 m = mask * probs[i] if m is None else m + mask * probs[i]
-        grad_x = None
-        if need_x:
-            assert m is not None
-            grad_x = g * m
-            if mode == "unsigned":
-                grad_x = grad_x.masked_fill(x < 0, 0.0)
+        grad_x = _masked_grad_x(g, m, x, mode) if need_x else None
         gp = torch.stack(grad_p).to(probs.dtype) if need_p else None  # type: ignore[arg-type]
         return (grad_x, gp, None, *grad_s)
 
