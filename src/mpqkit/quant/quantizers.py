@@ -162,26 +162,25 @@ class _LSQTensorCPU(torch.autograd.Function):
         if not math.isfinite(total.item()):
             out = keep_nonfinite(out, x)
         ctx.save_for_backward(x, scale)
-        ctx.qmin, ctx.qmax, ctx.grad_scale = qmin, qmax, grad_scale
+        raw = scale.item()
+        # d step / d raw, the backward of abs() then clamp_min(MIN_RANGE) as autograd has it:
+        # sgn(raw), or 0 below the floor; multiplying by it is exact
+        ctx.dstep = math.copysign(1.0, raw) if abs(raw) >= MIN_RANGE else 0.0
+        ctx.s, ctx.qmin, ctx.qmax, ctx.grad_scale = s, qmin, qmax, grad_scale
         return out
 
     @staticmethod
     def backward(ctx, g: Tensor):  # type: ignore[override]
         x, raw = ctx.saved_tensors
-        qmin, qmax = ctx.qmin, ctx.qmax
-        s = raw.detach().reshape(()).abs().clamp_min(MIN_RANGE)
-        # d step / d raw: the backward of abs() then clamp_min(MIN_RANGE), as autograd has it
-        ds_draw = raw.detach().reshape(()).sgn() * (raw.detach().reshape(()).abs() >= MIN_RANGE)
+        s, qmin, qmax, gs = ctx.s, ctx.qmin, ctx.qmax, ctx.grad_scale * ctx.dstep
         if not torch.is_grad_enabled():  # not a double backward
             grads = _lsq_cpu_blocks(x, g.contiguous(), s, qmin, qmax)
             if grads is not None:
-                grad_x, total = grads
-                grad_s = (total * ctx.grad_scale * ds_draw).reshape(raw.shape)
-                return grad_x, grad_s, None, None, None
+                return grads[0], (grads[1] * gs).reshape(raw.shape), None, None, None
         xs = x.detach() / s  # constants, as the reference form saves them
         q = keep_nonfinite(xs.round().clamp(qmin, qmax), xs)
-        grad_x, grad_s = _lsq_grads(xs, q, g, qmin, qmax, ctx.grad_scale, ())
-        return grad_x, (grad_s * ds_draw).reshape(raw.shape), None, None, None
+        grad_x, grad_s = _lsq_grads(xs, q, g, qmin, qmax, gs, ())
+        return grad_x, grad_s.reshape(raw.shape), None, None, None
 
 
 def _lsq_cpu_forward(x: Tensor, s: Tensor, qmin: int, qmax: int) -> tuple[Tensor, Tensor]:
