@@ -7,9 +7,9 @@ here are the same element-wise expressions compiled by inductor's C++ backend in
 vectorized, multi-threaded loop per direction: the input read once, the output written once,
 every sum accumulated in the same loop. LSQ's values are the eager kernel's bit for bit (the
 same ``x / s``, ``round``, ``clamp``), its step's sum accumulated in another order; the supernet
-mixing's sum over candidates rounds differently (within 2 ulp: about a tenth of the elements
-differ from the eager kernel's by up to 2.4e-7), so searches are not bit-identical to the eager
-kernels' runs.
+mixing's sum over candidates rounds differently (about a tenth of the elements of a
+unit-scale activation differ from the eager kernel's, by at most 2.4e-7), so searches are not
+bit-identical to the eager kernels' runs.
 
 Measured on ResNet-20 activations (2M elements, 1 thread, this machine's AMD EPYC): forward
 0.95 -> 0.61 ms, backward 2.23 -> 0.69 ms. Below :data:`MIN_ELEMENTS` the call costs more
