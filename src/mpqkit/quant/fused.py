@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -38,6 +39,8 @@ log = logging.getLogger("mpqkit")
 #: Tensors with fewer elements use the eager kernels (measured break-even: 2**15 to 2**16).
 MIN_ELEMENTS = 1 << 15
 ENV = "MPQKIT_FUSED"
+#: A first call slower than this (seconds) built a kernel from scratch: the log says so.
+BUILD_NOTE_S = 2.0
 
 
 def _lsq_forward(x: Tensor, s: Tensor, qmin: int, qmax: int) -> tuple[Tensor, Tensor]:
@@ -179,6 +182,7 @@ def _run(name: str, *args: Any) -> Any:
     if name in _KERNELS.ran:
         with torch.no_grad():
             return fn(*args)
+    start = time.perf_counter()
     try:
         with torch.no_grad():
             out = fn(*args)
@@ -187,4 +191,8 @@ def _run(name: str, *args: Any) -> Any:
         _KERNELS.disable(err)
         return None
     _KERNELS.ran.add(name)
+    seconds = time.perf_counter() - start
+    if seconds > BUILD_NOTE_S:  # a cold inductor cache: say where the pause went
+        log.info(f"built the fused CPU kernel {name} in {seconds:.0f} s (once: inductor caches "
+                 "it for later processes)")
     return out
