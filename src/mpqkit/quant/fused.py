@@ -39,7 +39,7 @@ log = logging.getLogger("mpqkit")
 #: Tensors with fewer elements use the eager kernels (measured break-even: 2**15 to 2**16).
 MIN_ELEMENTS = 1 << 15
 ENV = "MPQKIT_FUSED"
-#: A first call slower than this (seconds) built a kernel from scratch: the log says so.
+#: A first call slower than this (seconds) is logged (a build: about 10 s; a load: 1-2 s).
 BUILD_NOTE_S = 2.0
 
 
@@ -192,7 +192,7 @@ def _run(name: str, *args: Any) -> Any:
         return None
     _KERNELS.ran.add(name)
     seconds = time.perf_counter() - start
-    if seconds > BUILD_NOTE_S:  # a cold inductor cache: say where the pause went
-        log.info(f"built the fused CPU kernel {name} in {seconds:.0f} s (once: inductor caches "
-                 "it for later processes)")
+    if seconds > BUILD_NOTE_S:  # say where the first step's pause went
+        log.info(f"fused CPU kernel {name}: {seconds:.0f} s to build or load on first use "
+                 "(inductor caches builds for later processes)")
     return out
