@@ -174,9 +174,11 @@ class _LSQTensorCPU(torch.autograd.Function):
         x, raw = ctx.saved_tensors
         s, qmin, qmax, gs = ctx.s, ctx.qmin, ctx.qmax, ctx.grad_scale * ctx.dstep
         if not torch.is_grad_enabled():  # not a double backward
-            grads = _lsq_cpu_blocks(x, g.contiguous(), s, qmin, qmax)
-            if grads is not None:
-                return grads[0], (grads[1] * gs).reshape(raw.shape), None, None, None
+            g = g.contiguous()
+            res = fused.lsq_backward(x, g, s, qmin, qmax)  # one compiled pass, where it applies
+            grad_x, total = res if res is not None else _lsq_cpu_backward(x, g, s, qmin, qmax)
+            if math.isfinite(total.item()):
+                return grad_x, (total * gs).reshape(raw.shape), None, None, None
         xs = x.detach() / s  # constants, as the reference form saves them
         q = keep_nonfinite(xs.round().clamp(qmin, qmax), xs)
         grad_x, grad_s = _lsq_grads(xs, q, g, qmin, qmax, gs, ())
@@ -202,12 +204,10 @@ def _lsq_cpu_forward(x: Tensor, s: Tensor, qmin: int, qmax: int) -> tuple[Tensor
     return out, torch.stack(sums).sum()
 
 
-def _lsq_cpu_blocks(x: Tensor, g: Tensor, s: Tensor, qmin: int,
-                    qmax: int) -> tuple[Tensor, Tensor] | None:
-    """``(g * m, sum(g * (q - x/s * m)))`` block by block; None if a value is not finite."""
-    grads = fused.lsq_backward(x, g, s, qmin, qmax)
-    if grads is not None:  # one compiled pass
-        return grads if math.isfinite(grads[1].item()) else None
+def _lsq_cpu_backward(x: Tensor, g: Tensor, s: Tensor, qmin: int,
+                      qmax: int) -> tuple[Tensor, Tensor]:
+    """The eager backward of :class:`_LSQTensorCPU`: ``(g * m, sum(g * (q - x/s * m)))`` block
+    by block (the sum is not finite when a value is not)."""
     grad_x = torch.empty_like(x)
     xf, gf, of = x.view(-1), g.view(-1), grad_x.view(-1)
     n, block = xf.numel(), cpu_block(LSQ_CPU_BLOCK)
@@ -218,12 +218,12 @@ def _lsq_cpu_blocks(x: Tensor, g: Tensor, s: Tensor, qmin: int,
         parts = [_lsq_cpu_block(xb, gb, ob, s, qmin, qmax, bufs[:, :xb.numel()])
                  for xb, gb, ob in zip(xf.split(block), gf.split(block), of.split(block))]
         total = torch.stack(parts).sum()
-    return (grad_x, total) if math.isfinite(total.item()) else None
+    return grad_x, total
 
 
 def _lsq_cpu_block(xb: Tensor, gb: Tensor, ob: Tensor, s: Tensor, qmin: int, qmax: int,
                    bufs: Tensor) -> Tensor:
-    """One block of :func:`_lsq_cpu_blocks`: writes ``g * m`` to ``ob``, returns the block's
+    """One block of :func:`_lsq_cpu_backward`: writes ``g * m`` to ``ob``, returns the block's
     ``sum(g * (q - x/s * m))``; ``bufs`` is three temporaries of the block's length."""
     t, c, m = bufs
     torch.div(xb, s, out=t)

@@ -145,14 +145,15 @@ class _MixedLSQTensor(torch.autograd.Function):
     def forward(ctx, x: Tensor, probs: Tensor, specs: tuple, *scales: Tensor) -> Tensor:
         xc = x.contiguous()
         steps = _steps(scales)[0].to(x.dtype)
+        coefs = probs * steps
         ctx.specs = specs
         ctx.save_for_backward(x, probs, *scales)
-        res = fused.mix_forward(xc, steps, probs * steps, tuple(sp[:2] for sp in specs))
+        res = fused.mix_forward(xc, steps, coefs, tuple(sp[:2] for sp in specs))
         if res is not None:  # one compiled pass
             return res
         out = torch.empty_like(xc)
         xf, of = xc.view(-1), out.view(-1)
-        s0, coef = steps.unbind(), (probs * steps).unbind()
+        s0, coef = steps.unbind(), coefs.unbind()
         n = xf.numel()
         block = cpu_block(CPU_BLOCK) if x.device.type == "cpu" else max(1, n)
         buf = torch.empty(min(block, n), dtype=xf.dtype, device=xf.device)
@@ -174,8 +175,9 @@ class _MixedLSQTensor(torch.autograd.Function):
         create = torch.is_grad_enabled()  # double backward: differentiable, out-of-place ops
         xf, gf = x.contiguous().view(-1), g.contiguous().view(-1)
         steps, dstep = _steps(scales)
-        s0 = steps.to(x.dtype).unbind()
-        res = None if create else fused.mix_backward(xf, gf, steps.to(x.dtype), probs,
+        steps_x = steps.to(x.dtype)
+        s0 = steps_x.unbind()
+        res = None if create else fused.mix_backward(xf, gf, steps_x, probs,
                                                      tuple(sp[:2] for sp in specs))
         if res is not None:  # one compiled pass
             grad_x, a_sum, c_sum = res
