@@ -6,6 +6,9 @@ Kinds of step, all on the same batch, each with its own copy of the model and SG
 * ``qat``: mpqkit's QAT model (``quantize_model``, LSQ weights and activations; on CPU its
   larger tensors run the compiled one-pass kernels of :mod:`mpqkit.quant.fused`);
 * ``qat_blocked``: the same model with ``MPQKIT_FUSED=off`` (the blocked eager CPU kernels);
+* ``qat_input_grad``: the same model with the stem computing its input's gradient for its
+  input step, as before :mod:`mpqkit.quant.adjoint` (``qat`` gets that step's gradient from a
+  weight-gradient pass instead);
 * ``qat_ref``: the same model on the reference LSQ kernel (``_LSQFunction``, whole-tensor ops:
   what mpqkit ran before the blocked CPU kernel);
 * ``qat_torchop``: the same model with every LSQ quantizer replaced by PyTorch's fused
@@ -69,6 +72,16 @@ def torchop_model(qat: nn.Module) -> nn.Module:
     for q in m.modules():
         if isinstance(q, Q.LSQQuantizer):
             q._quantize = types.MethodType(_torchop_quantize, q)  # type: ignore[method-assign]
+    return input_grad_model(m)  # the op has no constant-input form
+
+
+def input_grad_model(qat: nn.Module) -> nn.Module:
+    """A copy of ``qat`` whose quantizers have no constant-input form (the stem's input step
+    gets its gradient through the input's gradient)."""
+    m = copy.deepcopy(qat)
+    for q in m.modules():
+        if isinstance(q, Q.Quantizer):
+            q.quantize_constant = lambda x: None  # type: ignore[method-assign]
     return m
 
 
@@ -120,6 +133,7 @@ def build_steps(args: argparse.Namespace, dev: torch.device) -> tuple[dict[str, 
     qat_ref = copy.deepcopy(qat)
     steps = {"fp": make_step(fp, x, y), "qat": make_step(qat, x, y),
              "qat_blocked": make_step(copy.deepcopy(qat), x, y, fused="off"),
+             "qat_input_grad": make_step(input_grad_model(qat), x, y),
              "qat_ref": make_step(qat_ref, x, y, reference=True),
              "qat_torchop": make_step(torchop_model(qat), x, y)}
     if args.compile:
@@ -139,6 +153,8 @@ RATIOS = {  # name: (numerator kind, denominator kind): time ratios, read as thr
     "qat_speedup_over_reference_kernel": ("qat_ref", "qat"),
     "qat_speedup_over_blocked_kernel": ("qat_blocked", "qat"),
     "qat_blocked_over_fp_throughput": ("fp", "qat_blocked"),
+    "qat_speedup_from_constant_input": ("qat_input_grad", "qat"),
+    "qat_input_grad_over_fp_throughput": ("fp", "qat_input_grad"),
     "fp_compiled_speedup": ("fp", "fp_compiled"),
     "qat_compiled_speedup": ("qat", "qat_compiled"),
     "qat_compiled_over_fp_compiled_throughput": ("fp_compiled", "qat_compiled"),

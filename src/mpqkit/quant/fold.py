@@ -285,13 +285,12 @@ class QConvBn2d(QConv2d):
         return f, b
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.aq(x)
         wq = self.wq(self.weight)
         if self.training:  # batch statistics; the running ones are updated here too
-            y = batch_norm_floored(self._conv_forward(x, wq, self.bias), self.bn)
+            y = batch_norm_floored(self.quantized_conv(x, wq, self.bias), self.bn)
         else:  # the deployed function: the quantized weight folded per channel
             f, b = self._fold_factor_and_bias()
-            y = self._conv_forward(x, wq * f.reshape(-1, 1, 1, 1), b)
+            y = self.quantized_conv(x, wq * f.reshape(-1, 1, 1, 1), b)
         return self.oq(y)
 
     def to_float(self) -> nn.Module:

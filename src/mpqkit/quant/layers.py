@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mpqkit.errors import ConfigError
+from mpqkit.quant.adjoint import constant_input_conv
 from mpqkit.quant.quantizers import (
     ACT_METHODS,
     WEIGHT_METHODS,
@@ -143,7 +144,23 @@ class QConv2d(QuantMixin, nn.Conv2d):
         self._init_quant(w_bits, a_bits, config or QuantConfig())
 
     def forward(self, x: Tensor) -> Tensor:
-        return self._conv_forward(self.aq(x), self.wq(self.weight), self.bias)
+        return self.quantized_conv(x, self.wq(self.weight), self.bias)
+
+    def quantized_conv(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """The convolution of the quantized input ``aq(x)`` with ``weight`` and ``bias``.
+
+        An input that needs no gradient (the data batch) with a learned input step takes
+        :func:`~mpqkit.quant.adjoint.constant_input_conv`: the step's gradient without the
+        input's (same values). A quantizer with hooks is called as usual, so they see it.
+        """
+        aq = self.aq
+        if (self.padding_mode == "zeros" and not isinstance(self.padding, str)
+                and not (aq._forward_hooks or aq._forward_pre_hooks)):
+            const = aq.quantize_constant(x)
+            if const is not None:
+                conv = (self.stride, self.padding, self.dilation, self.groups)
+                return constant_input_conv(*const, weight, bias, conv)
+        return self._conv_forward(aq(x), weight, bias)
 
     def extra_repr(self) -> str:
         return nn.Conv2d.extra_repr(self) + f", w_bits={self.w_bits}, a_bits={self.a_bits}"

@@ -355,12 +355,25 @@ class Quantizer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self.enabled:
             return x
+        self._ready_for(x)
+        return self._quantize(x)
+
+    def _ready_for(self, x: Tensor) -> None:
+        """Initialise from ``x`` unless initialised already (from calibration or a checkpoint)."""
         if not self._ready:
             if bool(self.initialized):
                 self._ready = True
             else:
                 self.init_from(x)
-        return self._quantize(x)
+
+    def quantize_constant(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+        """For an input that needs no gradient (a network's input batch): ``(x_q, d, p)``, the
+        quantized input and, for this quantizer's one learned parameter ``p``, the tensor ``d``
+        with ``dL/dp = sum(dL/dx_q * d)`` (``x_q`` and ``d`` are constants); None where that
+        form does not apply, and ``self(x)`` is the way to quantize ``x``. A layer that reads
+        the input uses it to get ``dL/dp`` without the gradient for the input
+        (:mod:`mpqkit.quant.adjoint`)."""
+        return None
 
     def _shape(self, x: Tensor) -> list[int]:
         """Broadcast shape of a per-channel parameter for tensor ``x``."""
@@ -444,15 +457,42 @@ class LSQQuantizer(Quantizer):
     def _scale32(self, x: Tensor) -> Tensor:
         return self.scale.abs().clamp_min(MIN_RANGE).reshape(self._shape(x))
 
-    def _quantize(self, x: Tensor) -> Tensor:
-        qmin, qmax = self.int_range()
+    def _grad_scale(self, x: Tensor) -> float:
+        """LSQ's gradient scale ``1 / sqrt(n * qmax)``, ``n`` the elements per step (per sample
+        for an activation)."""
         n = x.numel() // (self.channels if self.per_channel else 1)
         if not self.per_channel and self.channel_dim == 1:  # activation: features per sample
             n = max(1, x[0].numel())
-        grad_scale = 1.0 / math.sqrt(max(1, n) * max(1, qmax))
+        return 1.0 / math.sqrt(max(1, n) * max(1, self.int_range()[1]))
+
+    def _quantize(self, x: Tensor) -> Tensor:
+        qmin, qmax = self.int_range()
+        grad_scale = self._grad_scale(x)
         if not self.per_channel and _use_cpu_kernel(x, self.scale):  # |scale| inside
             return _LSQTensorCPU.apply(x, self.scale, qmin, qmax, grad_scale)
         return lsq_quantize(x, self._scale32(x), qmin, qmax, grad_scale, self._reduce_dims(x))
+
+    def quantize_constant(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+        """:meth:`Quantizer.quantize_constant` for a per-tensor step, float32 on CPU: ``d`` is
+        LSQ's ``d x_q / d s`` (``round(x/s) - x/s`` inside the range, ``qmin`` or ``qmax``
+        outside) times the gradient scale and ``d s / d scale`` (the parameter is raw)."""
+        if (not self.enabled or self.per_channel or x.requires_grad
+                or not self.scale.requires_grad or not torch.is_grad_enabled()
+                or not _use_cpu_kernel(x, self.scale)):
+            return None
+        self._ready_for(x)
+        qmin, qmax = self.int_range()
+        with torch.no_grad():
+            xq = self._quantize(x)  # the values of the usual path, its kernel
+            raw = self.scale.reshape(())
+            s = raw.abs().clamp_min(MIN_RANGE)
+            xs = x / s
+            q = xs.round().clamp(qmin, qmax)
+            d = torch.where((xs >= qmin) & (xs <= qmax), q - xs, q)
+            # d s / d raw as autograd has it for abs() then clamp_min(): sgn(raw), 0 below
+            dstep = raw.sign() * (raw.abs() >= MIN_RANGE)
+            d.mul_(dstep * self._grad_scale(x))
+        return xq, d, self.scale
 
     def qparams(self, x: Tensor | None = None) -> tuple[Tensor, int, int]:
         qmin, qmax = self.int_range()
