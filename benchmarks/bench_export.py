@@ -8,6 +8,13 @@ with BatchNorm statistics from random data, or ``--checkpoint``) it writes, in o
   and calibrated on random data;
 * ``mpqkit_int4``: the same with ``--int-types auto`` (INT4 weight containers);
 * ``mpqkit_unfolded``: the model quantized without ``fold_bn``, folded at export;
+* ``mpqkit_no_clip`` (timing only): the ``mpqkit`` graph without its integer Clips to the
+  b-bit activation ranges. NOT the model's function (integers above the b-bit range pass
+  through): it measures what exact b-bit activations cost, since onnxruntime has no integer
+  kernel that saturates to a range narrower than its 8-bit container;
+* ``mpqkit_w8a8``: the default export of the same model quantized w8a8 (no b-bit Clips:
+  the 8-bit container's saturation is the range): mpqkit's graph against ``quantize_static``
+  at equal bits;
 * ``quantize_static``: onnxruntime's ``quant_pre_process`` (BatchNorm folded) and
   ``quantize_static`` (QDQ, uint8 activations, int8 weights, per tensor) of the float graph;
 * ``float``: the float graph.
@@ -94,6 +101,21 @@ def quantize_static_model(fp_path: Path, out: Path, size: int) -> None:
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
 
 
+def without_bit_clips(src: Path, dst: Path) -> int:
+    """Write ``src`` without the integer Clips of its b-bit activation quantizers (see the
+    module docstring: timing only); returns how many were removed."""
+    m = onnx.load(str(src))
+    clips = [n for n in m.graph.node if n.op_type == "Clip" and "_clip" in n.name]
+    alias = {n.output[0]: n.input[0] for n in clips}
+    for n in clips:
+        m.graph.node.remove(n)
+    for n in m.graph.node:
+        for i, name in enumerate(n.input):
+            n.input[i] = alias.get(name, name)
+    onnx.save(m, str(dst))
+    return len(clips)
+
+
 def kernels(path: Path, threads: int) -> dict[str, int]:
     """Node types of onnxruntime's optimized graph: the kernels that run."""
     opt = path.with_suffix(".optimized.onnx")
@@ -125,20 +147,25 @@ def bench_model(name: str, args: argparse.Namespace, work: Path) -> dict[str, An
     size = SIZES.get(name, 224)
     folded, meta = fresh_model(name, size, args.policy, fold=True)
     unfolded, _ = fresh_model(name, size, args.policy, fold=False)
+    w8a8, meta8 = fresh_model(name, size, "w8a8", fold=True)
     paths = {k: work / f"{name}_{k}.onnx" for k in
-             ("float", "quantize_static", "mpqkit", "mpqkit_int4", "mpqkit_unfolded")}
+             ("float", "quantize_static", "mpqkit", "mpqkit_no_clip", "mpqkit_w8a8",
+              "mpqkit_int4", "mpqkit_unfolded")}
     export_onnx(dequantize_model(unfolded), paths["float"], input_size=size, fp=True)
     quantize_static_model(paths["float"], paths["quantize_static"], size)
     export_onnx(folded, paths["mpqkit"], input_size=size, meta=meta)
+    clips = without_bit_clips(paths["mpqkit"], paths["mpqkit_no_clip"])
+    export_onnx(w8a8, paths["mpqkit_w8a8"], input_size=size, meta=meta8)
     export_onnx(folded, paths["mpqkit_int4"], input_size=size, meta=meta, int_types="auto")
     export_onnx(unfolded, paths["mpqkit_unfolded"], input_size=size, meta=meta)
     torch.manual_seed(1)
     loader = [(torch.randn(8, 3, size, size), None) for _ in range(2)]
     agree = {k: verify_onnx(export_reference(m), paths[k], loader, threads=args.threads)
-             for k, m in (("mpqkit", folded), ("mpqkit_unfolded", unfolded))}
+             for k, m in (("mpqkit", folded), ("mpqkit_unfolded", unfolded),
+                          ("mpqkit_w8a8", w8a8))}
     res: dict[str, Any] = {"input_size": size, "policy": Policy.from_dict(meta["policy"])
-                           .describe(), "kernels": {k: kernels(p, args.threads)
-                                                    for k, p in paths.items()},
+                           .describe(), "bit_clips_removed_in_mpqkit_no_clip": clips,
+                           "kernels": {k: kernels(p, args.threads) for k, p in paths.items()},
                            "agreement_with_torch_random_inputs": {
                                k: {f: a[f] for f in ("images", "agreement", "max_logit_diff")}
                                for k, a in agree.items()},
@@ -153,7 +180,7 @@ def bench_model(name: str, args: argparse.Namespace, work: Path) -> dict[str, An
         print(f"{name} batch {b}: float {base:.3f} ms/image; ratio to float "
               + ", ".join(f"{k} {r:.3f}" for k, r in res["ratio_to_float"][f"batch{b}"].items()),
               flush=True)
-    for k in ("mpqkit", "quantize_static"):
+    for k in ("mpqkit", "mpqkit_w8a8", "quantize_static"):
         print(f"{name} {k} kernels: {res['kernels'][k]}")
     return res
 

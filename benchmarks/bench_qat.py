@@ -26,6 +26,11 @@ each ratio, the median of the per-round ratios. Every ``--threads`` value is mea
     python benchmarks/bench_qat.py --threads 1,2 --steps 30 --out benchmarks/results/bench_qat.json
     python benchmarks/bench_qat.py --threads 1,2 --steps 20 --compile \\
         --out benchmarks/results/bench_qat_compile.json
+    python benchmarks/bench_qat.py --threads 1,2 --steps 30 --fold-bn \\
+        --out benchmarks/results/bench_qat_fold.json
+
+``--fold-bn`` times QAT with BatchNorm folded into the convolutions (``QuantConfig.fold_bn``,
+``mpqkit finetune``'s default) against the same float model.
 """
 
 from __future__ import annotations
@@ -126,7 +131,8 @@ def build_steps(args: argparse.Namespace, dev: torch.device) -> tuple[dict[str, 
     torch.manual_seed(0)
     fp = build_model(args.model).to(dev)
     policy = mixed_policy(fp, args.policy)
-    qat = quantize_model(fp, policy, QuantConfig(per_channel=args.per_channel)).to(dev)
+    config = QuantConfig(per_channel=args.per_channel, fold_bn=args.fold_bn)
+    qat = quantize_model(fp, policy, config).to(dev)
     x = torch.randn(args.batch_size, 3, 32, 32, device=dev)
     y = torch.randint(0, 10, (args.batch_size,), device=dev)
     calibrate(qat, x)
@@ -204,6 +210,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--policy", default="mixed", help="mixed (2/3/4/6-bit layers) or wWaA")
     ap.add_argument("--per-channel", action="store_true")
+    ap.add_argument("--fold-bn", action="store_true",
+                    help="QAT with BatchNorm folded (mpqkit finetune's default)")
     ap.add_argument("--threads", default="1,2", help="torch thread counts, comma separated")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
     ap.add_argument("--device", default="cpu")
@@ -214,8 +222,8 @@ def main() -> None:
     dev = torch.device(args.device)
     runs = {str(t): measure(args, t, dev) for t in thread_list}
     res = {"model": args.model, "batch_size": args.batch_size, "device": str(dev),
-           "per_channel": args.per_channel, "steps": args.steps, "warmup": args.warmup,
-           "compile": args.compile, "by_threads": runs, "environment": env}
+           "per_channel": args.per_channel, "fold_bn": args.fold_bn, "steps": args.steps,
+           "warmup": args.warmup, "compile": args.compile, "by_threads": runs, "environment": env}
     if args.out:
         write_json(args.out, res)
 
