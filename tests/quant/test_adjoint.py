@@ -56,6 +56,19 @@ def test_an_input_that_needs_a_gradient_takes_the_usual_path() -> None:
     assert xr.grad is not None
 
 
+def test_autocast_takes_the_usual_path() -> None:
+    """Under CPU autocast the convolution runs in bfloat16: the usual path (the constant-input
+    one failed there in oneDNN with mixed dtypes)."""
+    conv = nn.Conv2d(3, 6, 3, padding=1)
+    x = torch.randn(4, 3, 8, 8)
+    q, _ = _pair(conv, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = q(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert q.aq.scale.grad is not None and torch.isfinite(q.aq.scale.grad).all()
+
+
 def test_double_backward_matches_the_usual_graph() -> None:
     """A Hessian-vector product over the weight and both steps, as HAWQ-style code takes it."""
     conv = nn.Conv2d(3, 4, 3, padding=1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -151,11 +152,13 @@ class QConv2d(QuantMixin, nn.Conv2d):
 
         An input that needs no gradient (the data batch) with a learned input step takes
         :func:`~mpqkit.quant.adjoint.constant_input_conv`: the step's gradient without the
-        input's (same values). A quantizer with hooks is called as usual, so they see it.
+        input's (same values). A quantizer with hooks is called as usual, so they see it, and
+        so is everything under autocast (which would change the convolution's dtypes).
         """
         aq = self.aq
         if (self.padding_mode == "zeros" and not isinstance(self.padding, str)
-                and not (aq._forward_hooks or aq._forward_pre_hooks)):
+                and not (aq._forward_hooks or aq._forward_pre_hooks)
+                and not torch.is_autocast_enabled(x.device.type)):
             const = aq.quantize_constant(x)
             if const is not None:
                 conv = (self.stride, self.padding, self.dilation, self.groups)
