@@ -30,7 +30,8 @@ each ratio, the median of the per-round ratios. Every ``--threads`` value is mea
         --out benchmarks/results/bench_qat_fold.json
 
 ``--fold-bn`` times QAT with BatchNorm folded into the convolutions (``QuantConfig.fold_bn``,
-``mpqkit finetune``'s default) against the same float model.
+``mpqkit finetune``'s default) as ``qat`` (and its variants), and the unfolded QAT model as
+``qat_unfolded``, against the same float model.
 """
 
 from __future__ import annotations
@@ -142,6 +143,10 @@ def build_steps(args: argparse.Namespace, dev: torch.device) -> tuple[dict[str, 
              "qat_input_grad": make_step(input_grad_model(qat), x, y),
              "qat_ref": make_step(qat_ref, x, y, reference=True),
              "qat_torchop": make_step(torchop_model(qat), x, y)}
+    if args.fold_bn:  # the unfolded model too: what folding costs, in the same rounds
+        unfolded = quantize_model(fp, policy, QuantConfig(per_channel=args.per_channel)).to(dev)
+        calibrate(unfolded, x)
+        steps["qat_unfolded"] = make_step(unfolded, x, y)
     if args.compile:
         fpc = copy.deepcopy(fp)
         qc = Q.prepare_for_compile(copy.deepcopy(qat))
@@ -161,6 +166,7 @@ RATIOS = {  # name: (numerator kind, denominator kind): time ratios, read as thr
     "qat_blocked_over_fp_throughput": ("fp", "qat_blocked"),
     "qat_speedup_from_constant_input": ("qat_input_grad", "qat"),
     "qat_input_grad_over_fp_throughput": ("fp", "qat_input_grad"),
+    "qat_over_unfolded_throughput": ("qat_unfolded", "qat"),
     "fp_compiled_speedup": ("fp", "fp_compiled"),
     "qat_compiled_speedup": ("qat", "qat_compiled"),
     "qat_compiled_over_fp_compiled_throughput": ("fp_compiled", "qat_compiled"),
