@@ -9,7 +9,7 @@ from torch import nn
 
 from mpqkit import Policy, calibrate, quantize_model
 from mpqkit.models import build_model
-from mpqkit.quant import QConv2d, QuantConfig
+from mpqkit.quant import LSQQuantizer, QConv2d, QuantConfig
 
 
 def _pair(conv: nn.Conv2d, x: torch.Tensor, a_bits: int = 8) -> tuple[nn.Module, nn.Module]:
@@ -36,6 +36,7 @@ def test_constant_input_gives_the_usual_values_and_gradients(kw: dict) -> None:
     q, usual = _pair(conv, x, a_bits=4)
     y, y_ref = q(x), usual(x)
     assert y.grad_fn is not None and type(y.grad_fn).__name__ == "_ConstantInputConvBackward"
+    assert type(y_ref.grad_fn).__name__ == "ConvolutionBackward0"  # the reference is usual
     assert torch.equal(y, y_ref)
     g = torch.randn_like(y)
     got, ref = _grads(q, x, g), _grads(usual, x, g)
@@ -43,6 +44,73 @@ def test_constant_input_gives_the_usual_values_and_gradients(kw: dict) -> None:
     for n in ref:  # the step's gradient is one sum in another order: float rounding only
         torch.testing.assert_close(got[n], ref[n], rtol=1e-5, atol=1e-6, msg=n)
     assert got["aq.scale"].abs().item() > 0
+
+
+@pytest.mark.parametrize("raw", [-0.05, 1e-9, -1e-9])
+def test_the_raw_step_sign_and_floor(raw: float) -> None:
+    """The LSQ parameter is raw: the step is |raw| floored, its gradient through both."""
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    x = torch.randn(2, 3, 6, 6)
+    q, usual = _pair(conv, x, a_bits=4)
+    with torch.no_grad():
+        q.aq.scale.fill_(raw), usual.aq.scale.fill_(raw)
+    g = torch.randn(2, 4, 6, 6)
+    got, ref = _grads(q, x, g), _grads(usual, x, g)
+    torch.testing.assert_close(got["aq.scale"], ref["aq.scale"], rtol=1e-5, atol=1e-7)
+    if abs(raw) < 1e-8:
+        assert got["aq.scale"].item() == 0.0  # below the floor the step does not move
+
+
+def test_nonfinite_input_gives_a_nonfinite_step_gradient() -> None:
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    x = torch.randn(2, 3, 6, 6)
+    q, _ = _pair(conv, x)
+    x[0, 1, 2, 3] = float("inf")
+    y = q(x)
+    assert type(y.grad_fn).__name__ == "_ConstantInputConvBackward"
+    torch.autograd.backward(y, torch.ones_like(y))
+    assert not torch.isfinite(q.aq.scale.grad).all()
+
+
+class _HalfGradLSQ(LSQQuantizer):
+    """A subclass with its own quantization (half the step's gradient)."""
+
+    def _quantize(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.scale.abs()
+        return torch.round(torch.clamp(x / s, *self.int_range())) * (s * 0.5 + s.detach() * 0.5)
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+@pytest.mark.parametrize("case", ["unbatched", "backward_hook", "global_hook", "subclass"])
+def test_what_the_path_cannot_serve_takes_the_usual_one(case: str) -> None:
+    """Unbatched inputs, quantizer hooks of any kind and quantizers with their own form run as
+    before (no error, hooks called, the subclass's gradient)."""
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    x = torch.randn(2, 3, 6, 6)
+    q, _ = _pair(conv, x)
+    calls: list[int] = []
+    handle = None
+    if case == "unbatched":
+        x = x[0]
+    elif case == "backward_hook":
+        q.aq.register_full_backward_hook(lambda *a: calls.append(1))
+    elif case == "global_hook":
+        handle = nn.modules.module.register_module_forward_hook(
+            lambda m, i, o: calls.append(1) if m is q.aq else None)
+    else:
+        sub = _HalfGradLSQ(8)
+        sub.load_state_dict(q.aq.state_dict())
+        q.aq = sub
+    try:
+        y = q(x)
+        assert type(y.grad_fn).__name__ != "_ConstantInputConvBackward"
+        y.sum().backward()
+    finally:
+        if handle is not None:
+            handle.remove()
+    assert q.aq.scale.grad is not None
+    if case in ("backward_hook", "global_hook"):
+        assert calls
 
 
 def test_an_input_that_needs_a_gradient_takes_the_usual_path() -> None:

@@ -12,18 +12,40 @@ faster with 1 thread, and with 2 within the noise of the runs (``benchmarks/benc
 kind ``qat_input_grad``).
 
 :class:`~mpqkit.quant.QConv2d` takes this path where its input quantizer offers it
-(:meth:`~mpqkit.quant.Quantizer.quantize_constant`); everything else is unchanged. A double
+(:meth:`~mpqkit.quant.Quantizer.quantize_constant`) and has no hooks; everything else is
+unchanged. A double
 backward through it is exact too: it sees ``x_q`` as a function of the step again.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+from torch.nn.modules import module as _module
 
 #: A convolution's stride, padding, dilation and groups.
 Conv = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], int]
+
+
+class ConstantInput(NamedTuple):
+    """What :meth:`~mpqkit.quant.Quantizer.quantize_constant` returns for an input that
+    needs no gradient: ``x_q``, and ``d`` with ``dL/dparam = sum(dL/dx_q * d)``."""
+
+    xq: Tensor
+    d: Tensor
+    param: Tensor
+
+
+def calls_plainly(m: nn.Module) -> bool:
+    """Whether calling ``m`` is only its ``forward``: no hook of its own or global one (which
+    a path that computes ``m``'s result without calling it would skip)."""
+    return not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                or m._backward_pre_hooks or _module._global_forward_hooks
+                or _module._global_forward_pre_hooks or _module._global_backward_hooks
+                or _module._global_backward_pre_hooks)
 
 
 def _weight_grads(g: Tensor, x: Tensor, w: Tensor, conv: Conv,
@@ -62,8 +84,6 @@ class _ConstantInputConv(torch.autograd.Function):
         return None, None, gp, gw if need_w else None, gb, None
 
 
-def constant_input_conv(xq: Tensor, d: Tensor, param: Tensor, w: Tensor, b: Tensor | None,
-                        conv: Conv) -> Tensor:
-    """``conv2d(x_q, w, b, *conv)`` with the gradient ``sum(dL/dx_q * d)`` for ``param``, from
-    :meth:`~mpqkit.quant.Quantizer.quantize_constant`'s ``(x_q, d, param)``."""
-    return _ConstantInputConv.apply(xq, d, param, w, b, conv)
+def constant_input_conv(xin: ConstantInput, w: Tensor, b: Tensor | None, conv: Conv) -> Tensor:
+    """``conv2d(x_q, w, b, *conv)`` with the gradient ``sum(dL/dx_q * d)`` for ``param``."""
+    return _ConstantInputConv.apply(xin.xq, xin.d, xin.param, w, b, conv)

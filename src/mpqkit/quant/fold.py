@@ -285,12 +285,13 @@ class QConvBn2d(QConv2d):
         return f, b
 
     def forward(self, x: Tensor) -> Tensor:
+        xin = self.quantize_input(x)
         wq = self.wq(self.weight)
         if self.training:  # batch statistics; the running ones are updated here too
-            y = batch_norm_floored(self.quantized_conv(x, wq, self.bias), self.bn)
+            y = batch_norm_floored(self.conv_quantized(xin, wq, self.bias), self.bn)
         else:  # the deployed function: the quantized weight folded per channel
             f, b = self._fold_factor_and_bias()
-            y = self.quantized_conv(x, wq * f.reshape(-1, 1, 1, 1), b)
+            y = self.conv_quantized(xin, wq * f.reshape(-1, 1, 1, 1), b)
         return self.oq(y)
 
     def to_float(self) -> nn.Module:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mpqkit.errors import ConfigError
-from mpqkit.quant.adjoint import constant_input_conv
+from mpqkit.quant.adjoint import ConstantInput, calls_plainly, constant_input_conv
 from mpqkit.quant.quantizers import (
     ACT_METHODS,
     WEIGHT_METHODS,
@@ -145,25 +145,31 @@ class QConv2d(QuantMixin, nn.Conv2d):
         self._init_quant(w_bits, a_bits, config or QuantConfig())
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.quantized_conv(x, self.wq(self.weight), self.bias)
+        xin = self.quantize_input(x)
+        return self.conv_quantized(xin, self.wq(self.weight), self.bias)
 
-    def quantized_conv(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        """The convolution of the quantized input ``aq(x)`` with ``weight`` and ``bias``.
-
-        An input that needs no gradient (the data batch) with a learned input step takes
-        :func:`~mpqkit.quant.adjoint.constant_input_conv`: the step's gradient without the
-        input's (same values). A quantizer with hooks is called as usual, so they see it, and
-        so is everything under autocast (which would change the convolution's dtypes).
+    def quantize_input(self, x: Tensor) -> Tensor | ConstantInput:
+        """``aq(x)``; or, for an input that needs no gradient (the data batch) with a learned
+        input step, ``aq``'s :meth:`~mpqkit.quant.Quantizer.quantize_constant` form, which
+        :meth:`conv_quantized` turns into the step's gradient without the input's (same
+        values; :mod:`mpqkit.quant.adjoint`). A quantizer with hooks is called as usual, so
+        they see it, and so is everything under autocast (it changes the convolution's dtypes).
         """
         aq = self.aq
-        if (self.padding_mode == "zeros" and not isinstance(self.padding, str)
-                and not (aq._forward_hooks or aq._forward_pre_hooks)
-                and not torch.is_autocast_enabled(x.device.type)):
+        if (x.dim() == 4 and self.padding_mode == "zeros" and not isinstance(self.padding, str)
+                and calls_plainly(aq) and not torch.is_autocast_enabled(x.device.type)):
             const = aq.quantize_constant(x)
             if const is not None:
-                conv = (self.stride, self.padding, self.dilation, self.groups)
-                return constant_input_conv(*const, weight, bias, conv)
-        return self._conv_forward(aq(x), weight, bias)
+                return ConstantInput(*const)
+        return aq(x)
+
+    def conv_quantized(self, xin: Tensor | ConstantInput, weight: Tensor,
+                       bias: Tensor | None) -> Tensor:
+        """The convolution of :meth:`quantize_input`'s result with ``weight`` and ``bias``."""
+        if isinstance(xin, ConstantInput):
+            conv = (self.stride, self.padding, self.dilation, self.groups)
+            return constant_input_conv(xin, weight, bias, conv)
+        return self._conv_forward(xin, weight, bias)
 
     def extra_repr(self) -> str:
         return nn.Conv2d.extra_repr(self) + f", w_bits={self.w_bits}, a_bits={self.a_bits}"

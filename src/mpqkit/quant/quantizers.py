@@ -478,7 +478,9 @@ class LSQQuantizer(Quantizer):
         outside) times the gradient scale and ``d s / d scale`` (the parameter is raw)."""
         if (not self.enabled or self.per_channel or x.requires_grad
                 or not self.scale.requires_grad or not torch.is_grad_enabled()
-                or not _use_cpu_kernel(x, self.scale)):
+                or not _use_cpu_kernel(x, self.scale)
+                or type(self).forward is not Quantizer.forward  # a subclass's own form: d
+                or type(self)._quantize is not LSQQuantizer._quantize):  # would not be its
             return None
         self._ready_for(x)
         qmin, qmax = self.int_range()
@@ -488,7 +490,8 @@ class LSQQuantizer(Quantizer):
             s = raw.abs().clamp_min(MIN_RANGE)
             xs = x / s
             q = xs.round().clamp(qmin, qmax)
-            d = torch.where((xs >= qmin) & (xs <= qmax), q - xs, q)
+            # NaN/inf in x make the step's gradient non-finite, as in the usual path
+            d = keep_nonfinite(torch.where((xs >= qmin) & (xs <= qmax), q - xs, q), xs)
             # d s / d raw as autograd has it for abs() then clamp_min(): sgn(raw), 0 below
             dstep = raw.sign() * (raw.abs() >= MIN_RANGE)
             d.mul_(dstep * self._grad_scale(x))
