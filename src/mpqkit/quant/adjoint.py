@@ -13,8 +13,8 @@ kind ``qat_input_grad``).
 
 :class:`~mpqkit.quant.QConv2d` takes this path where its input quantizer offers it
 (:meth:`~mpqkit.quant.Quantizer.quantize_constant`) and has no hooks; everything else is
-unchanged. A double
-backward through it is exact too: it sees ``x_q`` as a function of the step again.
+unchanged. A double backward through it is exact too: it sees ``x_q`` as a function of the
+step again.
 """
 
 from __future__ import annotations

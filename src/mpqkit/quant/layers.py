@@ -160,7 +160,7 @@ class QConv2d(QuantMixin, nn.Conv2d):
                 and calls_plainly(aq) and not torch.is_autocast_enabled(x.device.type)):
             const = aq.quantize_constant(x)
             if const is not None:
-                return ConstantInput(*const)
+                return const
         return aq(x)
 
     def conv_quantized(self, xin: Tensor | ConstantInput, weight: Tensor,

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from mpqkit.errors import ConfigError, NonFiniteError
 from mpqkit.quant import fused
+from mpqkit.quant.adjoint import ConstantInput
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8, 32)
 MIN_RANGE = 1e-8  # the smallest range (max-abs) a quantizer is calibrated to
@@ -366,7 +367,7 @@ class Quantizer(nn.Module):
             else:
                 self.init_from(x)
 
-    def quantize_constant(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+    def quantize_constant(self, x: Tensor) -> ConstantInput | None:
         """For an input that needs no gradient (a network's input batch): ``(x_q, d, p)``, the
         quantized input and, for this quantizer's one learned parameter ``p``, the tensor ``d``
         with ``dL/dp = sum(dL/dx_q * d)`` (``x_q`` and ``d`` are constants); None where that
@@ -472,15 +473,16 @@ class LSQQuantizer(Quantizer):
             return _LSQTensorCPU.apply(x, self.scale, qmin, qmax, grad_scale)
         return lsq_quantize(x, self._scale32(x), qmin, qmax, grad_scale, self._reduce_dims(x))
 
-    def quantize_constant(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+    def quantize_constant(self, x: Tensor) -> ConstantInput | None:
         """:meth:`Quantizer.quantize_constant` for a per-tensor step, float32 on CPU: ``d`` is
         LSQ's ``d x_q / d s`` (``round(x/s) - x/s`` inside the range, ``qmin`` or ``qmax``
-        outside) times the gradient scale and ``d s / d scale`` (the parameter is raw)."""
+        outside) times the gradient scale and ``d s / d scale`` (the parameter is raw). Not
+        for a subclass with its own ``forward`` or ``_quantize``: ``d`` would not be theirs."""
         if (not self.enabled or self.per_channel or x.requires_grad
                 or not self.scale.requires_grad or not torch.is_grad_enabled()
                 or not _use_cpu_kernel(x, self.scale)
-                or type(self).forward is not Quantizer.forward  # a subclass's own form: d
-                or type(self)._quantize is not LSQQuantizer._quantize):  # would not be its
+                or type(self).forward is not Quantizer.forward
+                or type(self)._quantize is not LSQQuantizer._quantize):
             return None
         self._ready_for(x)
         qmin, qmax = self.int_range()
@@ -495,7 +497,7 @@ class LSQQuantizer(Quantizer):
             # d s / d raw as autograd has it for abs() then clamp_min(): sgn(raw), 0 below
             dstep = raw.sign() * (raw.abs() >= MIN_RANGE)
             d.mul_(dstep * self._grad_scale(x))
-        return xq, d, self.scale
+        return ConstantInput(xq, d, self.scale)
 
     def qparams(self, x: Tensor | None = None) -> tuple[Tensor, int, int]:
         qmin, qmax = self.int_range()
