@@ -70,6 +70,21 @@ def keep_nonfinite(q: Tensor, x: Tensor) -> Tensor:
     return torch.where(torch.isfinite(x), q, x)
 
 
+def raw_step(raw: Tensor) -> tuple[Tensor, Tensor]:
+    """The step ``|raw|`` floored at ``MIN_RANGE`` of raw LSQ parameters (element-wise), and
+    ``d step / d raw`` as autograd has it for ``abs`` then ``clamp_min``: ``sgn(raw)``, 0 below
+    the floor. Differentiable (a double backward's steps are). :class:`_LSQTensorCPU` computes
+    the same per-tensor pair as Python floats."""
+    return raw.abs().clamp_min(MIN_RANGE), raw.sgn() * (raw.abs() >= MIN_RANGE)
+
+
+def _in_range_and_dstep(xs: Tensor, q: Tensor, qmin: int, qmax: int) -> tuple[Tensor, Tensor]:
+    """The in-range mask of ``xs = x / s`` and LSQ's ``d(x_q)/ds``: ``q - x/s`` inside
+    ``[qmin, qmax]``, ``q`` (= qmin or qmax) outside (``q`` the integer grid)."""
+    inside = (xs >= qmin) & (xs <= qmax)
+    return inside, torch.where(inside, q - xs, q)
+
+
 def _lsq_grads(xs: Tensor, q: Tensor, grad: Tensor, qmin: int, qmax: int, grad_scale: float,
                reduce_dims: tuple[int, ...]) -> tuple[Tensor, Tensor]:
     """LSQ gradients from ``xs = x / s`` and the integer grid ``q`` (differentiable ops only).
@@ -79,10 +94,10 @@ def _lsq_grads(xs: Tensor, q: Tensor, grad: Tensor, qmin: int, qmax: int, grad_s
     sum of that times ``grad`` (over ``reduce_dims``, or all), times ``grad_scale``.
     """
     grad = grad.float()
-    inside = (xs >= qmin) & (xs <= qmax)
+    inside, dstep = _in_range_and_dstep(xs, q, qmin, qmax)
     # where, not a product: an infinite gradient outside the range must give 0, not NaN
     grad_x = torch.where(inside, grad, 0.0)
-    ds = torch.where(inside, q - xs, q) * grad
+    ds = dstep * grad
     grad_s = ds.sum(dim=reduce_dims, keepdim=True) if reduce_dims else ds.sum()
     return grad_x, grad_s * grad_scale
 
@@ -488,15 +503,12 @@ class LSQQuantizer(Quantizer):
         qmin, qmax = self.int_range()
         with torch.no_grad():
             xq = self._quantize(x)  # the values of the usual path, its kernel
-            raw = self.scale.reshape(())
-            s = raw.abs().clamp_min(MIN_RANGE)
+            s, ds_draw = raw_step(self.scale.reshape(()))
             xs = x / s
-            q = xs.round().clamp(qmin, qmax)
             # NaN/inf in x make the step's gradient non-finite, as in the usual path
-            d = keep_nonfinite(torch.where((xs >= qmin) & (xs <= qmax), q - xs, q), xs)
-            # d s / d raw as autograd has it for abs() then clamp_min(): sgn(raw), 0 below
-            dstep = raw.sign() * (raw.abs() >= MIN_RANGE)
-            d.mul_(dstep * self._grad_scale(x))
+            q = keep_nonfinite(xs.round().clamp(qmin, qmax), xs)
+            d = _in_range_and_dstep(xs, q, qmin, qmax)[1]
+            d.mul_(ds_draw * self._grad_scale(x))
         return ConstantInput(xq, d, self.scale)
 
     def qparams(self, x: Tensor | None = None) -> tuple[Tensor, int, int]:

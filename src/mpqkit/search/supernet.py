@@ -45,13 +45,13 @@ from mpqkit.quant import fused
 from mpqkit.quant.convert import passing_through, quantized_class
 from mpqkit.quant.layers import QuantConfig, QuantMixin, quantizable_layers
 from mpqkit.quant.quantizers import (
-    MIN_RANGE,
     LSQQuantizer,
     Quantizer,
     check_bits,
     cpu_block,
     make_act_quantizer,
     make_weight_quantizer,
+    raw_step,
 )
 
 __all__ = [
@@ -118,11 +118,9 @@ def _masks_mode(specs: Sequence[tuple]) -> str:
 
 
 def _steps(raw: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-    """The steps ``|raw| floored at MIN_RANGE`` of raw per-tensor LSQ parameters as one vector,
-    and ``d step / d raw`` (the backward of ``abs`` then ``clamp_min``, as autograd has it).
-    Differentiable in a double backward (the reference chain's steps are)."""
-    r = torch.cat([t.reshape(1) for t in raw])
-    return r.abs().clamp_min(MIN_RANGE), r.sgn() * (r.abs() >= MIN_RANGE)
+    """:func:`~mpqkit.quant.quantizers.raw_step` of raw per-tensor LSQ parameters as one
+    vector: the steps and ``d step / d raw``."""
+    return raw_step(torch.cat([t.reshape(1) for t in raw]))
 
 
 class _MixedLSQTensor(torch.autograd.Function):
