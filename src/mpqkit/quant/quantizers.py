@@ -179,8 +179,8 @@ class _LSQTensorCPU(torch.autograd.Function):
             out = keep_nonfinite(out, x)
         ctx.save_for_backward(x, scale)
         raw = scale.item()
-        # d step / d raw, the backward of abs() then clamp_min(MIN_RANGE) as autograd has it:
-        # sgn(raw), or 0 below the floor; multiplying by it is exact
+        # d step / d raw (raw_step's second value, as a float on this per-call path): sgn(raw),
+        # or 0 below the floor; multiplying by it is exact
         ctx.dstep = math.copysign(1.0, raw) if abs(raw) >= MIN_RANGE else 0.0
         ctx.s, ctx.qmin, ctx.qmax, ctx.grad_scale = s, qmin, qmax, grad_scale
         return out
